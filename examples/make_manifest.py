@@ -1,0 +1,33 @@
+"""Write examples/manifest.parquet, the example manifest the README renders with the embedded model."""
+
+from pathlib import Path
+
+import pandas as pd
+
+ROWS = [
+    {"id": "cat-baking", "prompt": "A cat and a dog baking a cake together in a sunny kitchen.", "seed": 42},
+    {"id": "harbour-dawn", "prompt": "Fishing boats leaving a harbour at dawn, mist on the water.", "fps": 16},
+    {
+        "id": "city-rain",
+        "prompt": "A neon-lit city street in the rain, reflections on the asphalt.",
+        "num_frames": 33,
+        "height": 96,
+        "width": 160,
+        "seed": 7,
+    },
+    {
+        "id": "forest-walk",
+        "prompt": "A slow walk through a pine forest, sunlight through the trees.",
+        "negative_prompt": "blurry, low quality",
+        "guidance_scale": 5.0,
+        "shift": 5.0,
+    },
+]
+
+if __name__ == "__main__":
+    frame = pd.DataFrame(ROWS).astype(
+        {"seed": "Int64", "fps": "Int64", "num_frames": "Int64", "height": "Int64", "width": "Int64"}
+    )
+    path = Path(__file__).with_name("manifest.parquet")
+    frame.to_parquet(path, index=False)
+    print(path)

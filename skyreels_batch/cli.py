@@ -1,0 +1,100 @@
+"""`python jobs/render.py MANIFEST ...`: the command line of the render job.
+
+Exit codes: 0 every row done; 1 some rows failed (all others rendered); 2 the invocation or the manifest as a
+whole is unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from skyreels_batch.config import JobConfig
+from skyreels_batch.manifest import ManifestError
+from skyreels_batch.models import UnknownModelError
+from skyreels_batch.schema import manifest_columns
+
+EXIT_DONE, EXIT_SOME_FAILED, EXIT_UNUSABLE = 0, 1, 2
+
+
+def parse_workers(value: str) -> tuple[int, int | None]:
+    """`N` (fixed pool) or `MIN:MAX` (autoscaling pool); MAX may be `auto` (one actor per GPU)."""
+    low, _, high = value.partition(":")
+    try:
+        minimum = int(low)
+        maximum = None if high == "auto" else int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers wants N, MIN:MAX or MIN:auto, got {value!r}") from None
+    if minimum < 1 or (maximum is not None and maximum < minimum):
+        raise argparse.ArgumentTypeError(f"--workers wants 1 <= MIN <= MAX, got {value!r}")
+    return minimum, maximum
+
+
+def build_parser() -> argparse.ArgumentParser:
+    columns = "\n".join(f"  {name:20} {text}" for name, text in manifest_columns().items())
+    parser = argparse.ArgumentParser(
+        prog="python jobs/render.py",
+        description="Render every row of a Parquet manifest into an MP4 with SkyReels-V2 on a Ray cluster.",
+        epilog=f"manifest columns:\n{columns}\n\nexit codes: 0 all rows done, 1 some rows failed, "
+        "2 unusable invocation or manifest",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "manifest", metavar="MANIFEST", help="Parquet file, directory or glob; local path or fsspec URL"
+    )
+    parser.add_argument(
+        "--output",
+        default="./renders",
+        metavar="URI",
+        help="output prefix, local path or fsspec URL (default: ./renders)",
+    )
+    parser.add_argument(
+        "--model",
+        default="tiny-df",
+        metavar="NAME_OR_DIR",
+        help="registry name (python -m skyreels_batch.models list) or diffusers directory "
+        "(default: the embedded tiny-df)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=parse_workers,
+        default=(1, None),
+        metavar="MIN:MAX",
+        help="render actor pool size: N, MIN:MAX or MIN:auto (default 1:auto = one per GPU, or 1 without GPUs)",
+    )
+    parser.add_argument("--crf", type=int, default=18, metavar="N", help="H.264 quality, 0-51, lower is better (18)")
+    parser.add_argument("--lossless", action="store_true", help="lossless RGB H.264 (libx264rgb) for masters")
+    parser.add_argument(
+        "--max-frames", type=int, default=1457, metavar="N", help="reject rows asking for more frames (default 1457)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="where render actors run (default: cuda when the cluster has GPUs)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = JobConfig(
+        manifest=args.manifest,
+        output=args.output,
+        model=args.model,
+        min_workers=args.workers[0],
+        max_workers=args.workers[1],
+        crf=args.crf,
+        lossless=args.lossless,
+        max_frames=args.max_frames,
+        device=args.device,
+    )
+    from skyreels_batch.pipeline import run_job  # Ray and torch load only once the flags are good
+
+    try:
+        summary = run_job(config, log=lambda line: print(line, flush=True))
+    except (UnknownModelError, ManifestError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print(f"{summary.done} done, {summary.failed} failed of {summary.total}", flush=True)
+    return EXIT_SOME_FAILED if summary.failed else EXIT_DONE

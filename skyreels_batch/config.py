@@ -1,0 +1,69 @@
+"""The job's configuration and the one place where resources and pool sizes are decided."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobConfig(BaseModel):
+    """Everything a render job needs to know, built from the command line."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest: str = Field(description="Parquet manifest: a local path or fsspec URL (file, directory or glob).")
+    output: str = Field(default="./renders", description="Output prefix: local path or fsspec URL.")
+    model: str = Field(default="tiny-df", description="Registry name or diffusers directory.")
+    min_workers: int = Field(default=1, ge=1, description="Render actors kept alive.")
+    max_workers: int | None = Field(default=None, ge=1, description="Render actors at most; None: one per GPU.")
+    crf: int = Field(default=18, ge=0, le=51, description="H.264 constant rate factor (lower is better).")
+    lossless: bool = Field(default=False, description="Lossless RGB H.264 (libx264rgb, crf 0) for masters.")
+    max_frames: int = Field(default=1457, ge=1, description="Rows asking for more frames are rejected.")
+    device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where render actors run.")
+
+
+class Resources(BaseModel):
+    """Ray resources per stage. On CPU-only clusters every stage asks for a fraction of a CPU: a render pool
+    that takes whole CPUs on a 2-core machine leaves nothing for the read tasks and the job stalls."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device: Literal["cuda", "cpu"]
+    min_workers: int
+    max_workers: int
+    render_num_gpus: float
+    render_num_cpus: float
+    torch_threads: int
+    read_num_cpus: float = 0.25
+    validate_num_cpus: float = 0.1
+    write_num_cpus: float = 0.25
+
+
+def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
+    """Pool sizes and per-actor resources from the job config and the cluster's resources (ray.cluster_resources)."""
+    gpus = int(cluster.get("GPU", 0))
+    cpus = max(1.0, cluster.get("CPU", os.cpu_count() or 1))
+    device = config.device if config.device != "auto" else ("cuda" if gpus else "cpu")
+    if device == "cuda":
+        max_workers = config.max_workers or max(gpus, config.min_workers)
+        return Resources(
+            device="cuda",
+            min_workers=config.min_workers,
+            max_workers=max_workers,
+            render_num_gpus=1,
+            render_num_cpus=1,
+            torch_threads=4,
+        )
+    max_workers = config.max_workers or config.min_workers
+    # Leave a quarter of the CPUs to reading, validating and encoding; split the rest between render actors.
+    share = 0.75 * cpus / max_workers
+    return Resources(
+        device="cpu",
+        min_workers=min(config.min_workers, max_workers),
+        max_workers=max_workers,
+        render_num_gpus=0,
+        render_num_cpus=round(min(1.0, share), 2),
+        torch_threads=max(1, int(cpus // max_workers)),
+    )

@@ -1,0 +1,100 @@
+"""Embedded models: the real SkyReels-V2 architectures at tiny sizes, weights from a fixed seed.
+
+They are built in code (nothing is downloaded), saved as standard diffusers directories and loaded back through
+`from_pretrained`, exactly like a Hub checkpoint. Built directories are cached per build spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2Transformer3DModel,
+    UniPCMultistepScheduler,
+)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from skyreels_batch.models import CARD_FILENAME, ModelCard
+
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SKYREELS_BATCH_CACHE", Path.home() / ".cache" / "skyreels-batch"))
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (any language, no training) that pads and ends sequences the way UMT5's does."""
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def build_pipeline(card: ModelCard) -> SkyReelsV2DiffusionForcingPipeline:
+    spec = card.embedded
+    if spec is None:
+        raise ValueError(f"{card.name} is not an embedded model")
+    if card.family != "df":
+        raise ValueError(f"embedded family {card.family!r} is not buildable yet")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(spec["seed"])
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), tie_word_embeddings=False, **spec["text_encoder"])
+    )
+    transformer = SkyReelsV2Transformer3DModel(**spec["transformer"])
+    vae = AutoencoderKLWan(**spec["vae"])
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=1000,
+        flow_shift=card.defaults.shift,
+    )
+    return SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+    )
+
+
+def export_embedded(card: ModelCard, directory: Path) -> Path:
+    """Write `card`'s embedded model to `directory` as a diffusers directory that `from_pretrained` loads."""
+    build_pipeline(card).save_pretrained(directory)
+    (Path(directory) / CARD_FILENAME).write_text(json.dumps({"card": card.name}))
+    return Path(directory)
+
+
+def materialize(card: ModelCard) -> Path:
+    """The cached diffusers directory of an embedded model, built once per build spec.
+
+    Several actors on one node may race here: each builds into its own temporary directory and the first
+    rename wins, so a reader never sees a half-written model.
+    """
+    digest = hashlib.sha256(json.dumps(card.embedded, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{card.name}-{digest}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{card.name}-", dir=target.parent))
+    try:
+        export_embedded(card, staging)
+        os.rename(staging, target)
+    except OSError:
+        if not (target / "model_index.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,74 @@
+"""Opening the manifest on the driver: find its Parquet files and check what only a whole-manifest view can
+(an `id` column exists, ids are unique) by reading the `id` column alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from skyreels_batch import storage
+from skyreels_batch.schema import ManifestRow
+
+GLOB_CHARACTERS = set("*?[")
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole is unusable (missing, unreadable, no `id` column)."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    uri: str
+    fs: fsspec.AbstractFileSystem
+    files: list[str]
+    num_rows: int
+    columns: list[str]
+    unknown_columns: list[str]
+    duplicate_ids: frozenset[str]
+
+
+def open_manifest(uri: str) -> Manifest:
+    fs, path = storage.filesystem(storage.normalize(uri))
+    files = _parquet_files(fs, path, uri)
+    try:
+        dataset = pads.dataset(files, filesystem=storage.arrow_filesystem(fs), format="parquet")
+        if "id" not in dataset.schema.names:
+            raise ManifestError(f"manifest {uri} has no 'id' column (columns: {', '.join(dataset.schema.names)})")
+        ids = dataset.to_table(columns=["id"]).column("id")
+    except (pa.ArrowException, OSError) as error:
+        raise ManifestError(f"cannot read manifest {uri}: {error}") from None
+    counts = pc.value_counts(ids.drop_null())
+    duplicates = frozenset(
+        item["values"] for item in counts.to_pylist() if item["counts"] > 1 and isinstance(item["values"], str)
+    )
+    known = set(ManifestRow.model_fields)
+    return Manifest(
+        uri=uri,
+        fs=fs,
+        files=files,
+        num_rows=len(ids),
+        columns=[name for name in dataset.schema.names if name in known],
+        unknown_columns=[name for name in dataset.schema.names if name not in known],
+        duplicate_ids=duplicates,
+    )
+
+
+def _parquet_files(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[str]:
+    try:
+        if GLOB_CHARACTERS & set(path):
+            files = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            files = sorted(name for name in fs.find(path) if name.endswith(".parquet"))
+        elif fs.isfile(path):
+            files = [path]
+        else:
+            raise ManifestError(f"manifest {uri} does not exist")
+    except (OSError, PermissionError) as error:
+        raise ManifestError(f"cannot list manifest {uri}: {error}") from None
+    if not files:
+        raise ManifestError(f"manifest {uri} matches no Parquet files")
+    return files

@@ -1,0 +1,146 @@
+"""The model registry (`model/registry.yaml`): what each checkpoint serves, its limits and row defaults.
+
+python -m skyreels_batch.models list
+python -m skyreels_batch.models export tiny-df DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+REGISTRY_PATH = Path(__file__).resolve().parent.parent / "model" / "registry.yaml"
+# Written next to an exported embedded model so `--model DIR` keeps that model's card (defaults, limits).
+CARD_FILENAME = "skyreels_batch_card.json"
+
+Family = Literal["df", "t2v", "i2v"]
+
+
+class UnknownModelError(ValueError):
+    """The --model value names neither a registry entry nor a diffusers directory."""
+
+
+class RowDefaults(BaseModel):
+    """What a manifest row gets for a column it leaves empty."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    height: int
+    width: int
+    num_frames: int
+    base_num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    shift: float
+    negative_prompt: str
+
+
+class ModelCard(BaseModel):
+    """One checkpoint: where it loads from, which pipeline family serves it, its limits and defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Registry name (Hub id or embedded name) or a local directory.")
+    family: Family = Field(description="df (diffusion forcing), t2v or i2v.")
+    defaults: RowDefaults
+    max_height: int
+    max_width: int
+    embedded: dict[str, Any] | None = Field(
+        default=None, description="Build spec of an embedded model (sizes and seed); None for Hub checkpoints."
+    )
+    path: str | None = Field(default=None, description="Local diffusers directory, when loaded from one.")
+
+    @property
+    def pipeline_class_name(self) -> str:
+        return _registry()["families"][self.family]["pipeline"]
+
+    @property
+    def modes(self) -> list[str]:
+        return _registry()["families"][self.family]["modes"]
+
+
+@cache
+def _registry() -> dict[str, Any]:
+    if not REGISTRY_PATH.is_file():
+        raise FileNotFoundError(
+            f"model registry not found at {REGISTRY_PATH}; install skyreels-batch from a checkout (pip install -e .)"
+        )
+    return yaml.safe_load(REGISTRY_PATH.read_text())
+
+
+def cards() -> list[ModelCard]:
+    return [ModelCard(**entry) for entry in _registry()["models"]]
+
+
+def card_for(model: str) -> ModelCard:
+    """The card for a registry name or a local diffusers directory; raises UnknownModelError otherwise."""
+    by_name = {card.name: card for card in cards()}
+    if model in by_name:
+        return by_name[model]
+    directory = Path(model).expanduser()
+    if (directory / "model_index.json").is_file():
+        return _card_for_directory(directory, by_name)
+    raise UnknownModelError(
+        f"unknown model {model!r}: not in the registry (python -m skyreels_batch.models list) "
+        "and not a diffusers directory with model_index.json"
+    )
+
+
+def _card_for_directory(directory: Path, by_name: dict[str, ModelCard]) -> ModelCard:
+    sidecar = directory / CARD_FILENAME
+    if sidecar.is_file():
+        base = by_name[json.loads(sidecar.read_text())["card"]]
+    else:
+        pipeline = json.loads((directory / "model_index.json").read_text()).get("_class_name")
+        families = {spec["pipeline"]: family for family, spec in _registry()["families"].items()}
+        if pipeline not in families:
+            raise UnknownModelError(f"{directory}: pipeline {pipeline!r} is not a SkyReels-V2 pipeline")
+        # Without a card, a directory takes the defaults of the first Hub checkpoint of its family.
+        base = next(card for card in by_name.values() if card.family == families[pipeline])
+    return base.model_copy(update={"name": str(directory), "path": str(directory.resolve()), "embedded": None})
+
+
+def _list() -> None:
+    print(f"{'name':48} {'family':6} {'size':>9} {'frames':>6} {'window':>6} {'steps':>5} {'cfg':>4} {'shift':>5}")
+    for card in cards():
+        d = card.defaults
+        kind = " (embedded)" if card.embedded else ""
+        print(
+            f"{card.name + kind:48} {card.family:6} {d.height:>4}x{d.width:<4} {d.num_frames:>6} "
+            f"{d.base_num_frames:>6} {d.num_inference_steps:>5} {d.guidance_scale:>4} {d.shift:>5}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skyreels_batch.models", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="print the registry")
+    export = commands.add_parser("export", help="write an embedded model as a diffusers directory")
+    export.add_argument("name", help="embedded model name, e.g. tiny-df")
+    export.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        _list()
+        return 0
+    from skyreels_batch.embedded import export_embedded
+
+    try:
+        export_embedded(card_for(args.name), args.directory)
+    except (UnknownModelError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(args.directory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The manifest schema: one pydantic model is the source of truth for a manifest row.
+
+A row is validated in two steps: `ManifestRow` checks what a row means on its own (types, ranges, the id), and
+`resolve` fills the model card's defaults and checks what depends on the model (sizes, frame counts).
+The result, `RenderParams`, is everything a render needs and is recorded in the results index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from skyreels_batch.models import ModelCard
+
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+MAX_SEED = 2**63 - 1
+# The VAE compresses time 4x: a video has 4k+1 frames.
+TEMPORAL_FACTOR = 4
+# Height and width must be multiples of the VAE's spatial factor (8) times the transformer's patch (2).
+SPATIAL_MULTIPLE = 16
+
+
+class RowError(ValueError):
+    """A manifest row that cannot be rendered; the message names the row and the field."""
+
+
+class ManifestRow(BaseModel):
+    """One manifest row, as written by the user. Empty optional columns take the model card's defaults."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str = Field(
+        pattern=ID_PATTERN,
+        description="Unique name of the video; the output is `<output>/videos/<id>.mp4`. "
+        "1-128 characters from `A-Z a-z 0-9 . _ -`, not `.` or `..`.",
+    )
+    prompt: str = Field(min_length=1, description="What the video shows.")
+    negative_prompt: str | None = Field(default=None, description="What to steer away from (card default).")
+    mode: Literal["t2v"] | None = Field(default=None, description="Generation mode: `t2v` (text-to-video).")
+    num_frames: int | None = Field(default=None, ge=1, description="Frames in the video, 4k+1 (card default).")
+    height: int | None = Field(default=None, ge=SPATIAL_MULTIPLE, description="Pixels, a multiple of 16.")
+    width: int | None = Field(default=None, ge=SPATIAL_MULTIPLE, description="Pixels, a multiple of 16.")
+    fps: int | None = Field(default=None, ge=1, le=120, description="Frames per second of the MP4.")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Random seed; empty derives one stably from `id`."
+    )
+    num_inference_steps: int | None = Field(default=None, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        default=None, ge=0.0, le=30.0, description="Classifier-free guidance; 1 or less turns it off."
+    )
+    shift: float | None = Field(default=None, gt=0.0, le=100.0, description="Flow-matching scheduler shift.")
+
+    @field_validator("id")
+    @classmethod
+    def _not_a_relative_path(cls, value: str) -> str:
+        if value in {".", ".."}:
+            raise ValueError("must not be '.' or '..'")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _not_blank(cls, value: str | None, info: Any) -> str | None:
+        if info.field_name == "prompt" and value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class RenderParams(BaseModel):
+    """A row with every parameter resolved: what the pipeline is called with, recorded in the results."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    prompt: str
+    negative_prompt: str
+    mode: Literal["t2v"]
+    num_frames: int
+    height: int
+    width: int
+    fps: int
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    shift: float
+    base_num_frames: int
+    model: str
+
+
+def manifest_columns() -> dict[str, str]:
+    """Column name -> description, for the README and `--help`."""
+    return {name: field.description or "" for name, field in ManifestRow.model_fields.items()}
+
+
+def derive_seed(video_id: str) -> int:
+    """A seed that depends only on the id: stable across machines, runs and Python versions."""
+    digest = hashlib.sha256(f"skyreels-batch:{video_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & MAX_SEED
+
+
+def row_label(raw: dict[str, Any]) -> str:
+    value = raw.get("id")
+    return f"row {value!r}" if isinstance(value, str) and value else "row with no valid id"
+
+
+def resolve(raw: dict[str, Any], card: ModelCard, *, max_frames: int) -> RenderParams:
+    """Validate a raw manifest row against the schema and the model card; raise RowError naming row and field."""
+    label = row_label(raw)
+    try:
+        row = ManifestRow.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc']) or 'row'}: {issue['msg']}" for issue in error.errors()
+        )
+        raise RowError(f"{label}: {problems}") from None
+
+    defaults = card.defaults
+    params = RenderParams(
+        id=row.id,
+        prompt=row.prompt,
+        negative_prompt=defaults.negative_prompt if row.negative_prompt is None else row.negative_prompt,
+        mode=row.mode or "t2v",
+        num_frames=row.num_frames or defaults.num_frames,
+        height=row.height or defaults.height,
+        width=row.width or defaults.width,
+        fps=row.fps or defaults.fps,
+        seed=derive_seed(row.id) if row.seed is None else row.seed,
+        num_inference_steps=row.num_inference_steps or defaults.num_inference_steps,
+        guidance_scale=defaults.guidance_scale if row.guidance_scale is None else row.guidance_scale,
+        shift=row.shift or defaults.shift,
+        base_num_frames=defaults.base_num_frames,
+        model=card.name,
+    )
+    _check_against_card(params, card, max_frames, label)
+    return params
+
+
+def _check_against_card(params: RenderParams, card: ModelCard, max_frames: int, label: str) -> None:
+    def fail(field: str, message: str) -> None:
+        raise RowError(f"{label}: {field}: {message}")
+
+    if params.mode not in card.modes:
+        fail("mode", f"{params.mode!r} is not served by {card.name} ({card.family} family serves {card.modes})")
+    if params.num_frames % TEMPORAL_FACTOR != 1:
+        fail("num_frames", f"must be 4k+1 (e.g. 17, 97), got {params.num_frames}")
+    window = min(max_frames, params.base_num_frames)
+    if params.num_frames > window:
+        fail("num_frames", f"{params.num_frames} is above the limit of {window} frames for {card.name}")
+    for field in ("height", "width"):
+        if getattr(params, field) % SPATIAL_MULTIPLE:
+            fail(field, f"must be a multiple of {SPATIAL_MULTIPLE}, got {getattr(params, field)}")
+    longest, area = max(card.max_height, card.max_width), card.max_height * card.max_width
+    if max(params.height, params.width) > longest or params.height * params.width > area:
+        fail(
+            "height/width",
+            f"{params.height}x{params.width} is above {card.name}'s maximum of {card.max_height}x{card.max_width} "
+            "(either orientation)",
+        )

@@ -1,0 +1,56 @@
+"""Pipeline stages. Each is one class: `__init__` does the expensive set-up once, `__call__(batch) -> batch` one job.
+
+Batches are pyarrow Tables. Every stage passes all rows on: a row that failed earlier carries its `error` and
+later stages leave it alone, so one bad row never stops the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from skyreels_batch.schema import RenderParams
+
+# The columns between stages: small metadata only. Frames travel through storage (`_segments/`), not Ray's
+# object store.
+VALIDATED = pa.schema([("id", pa.string()), ("params", pa.string()), ("error", pa.string())])
+RENDERED = VALIDATED.append(pa.field("segments", pa.list_(pa.string()))).append(pa.field("render_s", pa.float64()))
+WRITTEN = (
+    VALIDATED.append(pa.field("uri", pa.string()))
+    .append(pa.field("checksum", pa.string()))
+    .append(pa.field("render_s", pa.float64()))
+    .append(pa.field("encode_s", pa.float64()))
+)
+
+
+def table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
+
+
+def describe_error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class RowStage:
+    """A stage that works row by row on validated rows. Rows that already failed pass through untouched; an
+    exception while processing a row becomes that row's error, and the other rows carry on."""
+
+    output_schema: ClassVar[pa.Schema]
+    failure: ClassVar[str]  # what failed, for the error message: "render failed"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return table([self._process_row(row) for row in batch.to_pylist()], self.output_schema)
+
+    def _process_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row["error"]:
+            return row
+        params = RenderParams.model_validate_json(row["params"])
+        try:
+            return {**row, **self.process(params, row)}
+        except Exception as error:  # noqa: BLE001 - a failed row is data; the job goes on
+            return {**row, "error": f"row {params.id!r}: {self.failure}: {describe_error(error)}"}
+
+    def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
+        """The new columns for one row."""
+        raise NotImplementedError

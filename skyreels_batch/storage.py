@@ -1,0 +1,91 @@
+"""Local paths and fsspec URLs (s3://, gs://, file://) behind one small interface.
+
+S3 goes through s3fs, which honours AWS_ENDPOINT_URL and the standard AWS_* credential variables. pyarrow is
+given the same fsspec filesystem (its own S3 client ignores AWS_ENDPOINT_URL).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import fsspec
+import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
+
+
+def normalize(uri: str) -> str:
+    """Local paths become absolute (Ray workers do not share the driver's working directory)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri.rstrip("/")
+    path = uri.removeprefix("file://")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    if is_local(fs):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Make `data` appear at `uri` whole or not at all.
+
+    Locally: write a hidden sibling, then rename over the target. On object stores a single PUT is already
+    atomic: readers see the old object, no object, or the complete new one.
+    """
+    fs, path = filesystem(uri)
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(staging, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly under a directory URI, as URIs."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    names = [info["name"] for info in fs.ls(path, detail=True) if info["type"] == "file"]
+    return [join(uri, name.rsplit("/", 1)[-1]) for name in sorted(names) if name.endswith(suffix)]
+
+
+def remove_empty_dir(uri: str) -> None:
+    """Local directories only; object stores have no empty directories to leave behind."""
+    fs, path = filesystem(uri)
+    if is_local(fs) and os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)

@@ -1,0 +1,72 @@
+"""Shared fixtures: a real local Ray, a real S3 endpoint on loopback (moto's server), small manifests."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKET = "renders"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Embedded models are built into a per-session cache, so tests never depend on a developer's cache."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.environ["SKYREELS_BATCH_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 endpoint on 127.0.0.1 (moto server mode) reached through the standard AWS_* variables."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="test-key-id",
+        AWS_SECRET_ACCESS_KEY="test-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint: str, model_cache: Path) -> Iterator[None]:
+    """One local Ray for the session. Started after the S3 endpoint so its workers inherit AWS_*."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    frame = pd.DataFrame(rows)
+    for column in ("seed", "num_frames", "height", "width", "fps", "num_inference_steps"):
+        if column in frame:
+            frame[column] = frame[column].astype("Int64")
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def decode(source) -> tuple[np.ndarray, float]:
+    """All frames of an MP4 as uint8 RGB [T, H, W, 3], and its frame rate."""
+    with av.open(source) as container:
+        stream = container.streams.video[0]
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
+        return frames, float(stream.average_rate)

@@ -1,0 +1,44 @@
+"""Resources and pool sizes: decided in one place from the job config and the cluster."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from skyreels_batch.cli import parse_workers
+from skyreels_batch.config import JobConfig, plan_resources
+
+
+def test_cpu_cluster_gets_fractional_cpus_leaving_room_for_reads() -> None:
+    resources = plan_resources(JobConfig(manifest="m", min_workers=2, max_workers=2), {"CPU": 2.0})
+    assert resources.device == "cpu"
+    assert resources.render_num_gpus == 0
+    # Two actors and a read task must fit on two cores at once.
+    assert 2 * resources.render_num_cpus + resources.read_num_cpus + resources.validate_num_cpus <= 2.0
+    assert resources.torch_threads == 1
+
+
+def test_single_cpu_actor_uses_every_core_for_torch() -> None:
+    resources = plan_resources(JobConfig(manifest="m"), {"CPU": 2.0})
+    assert (resources.min_workers, resources.max_workers, resources.torch_threads) == (1, 1, 2)
+    assert resources.render_num_cpus < 2.0
+
+
+def test_gpu_cluster_gets_one_gpu_per_actor_and_one_actor_per_gpu_by_default() -> None:
+    resources = plan_resources(JobConfig(manifest="m"), {"CPU": 64.0, "GPU": 8.0})
+    assert (resources.device, resources.render_num_gpus) == ("cuda", 1)
+    assert (resources.min_workers, resources.max_workers) == (1, 8)
+    pinned = plan_resources(JobConfig(manifest="m", min_workers=2, max_workers=16), {"CPU": 64.0, "GPU": 8.0})
+    assert (pinned.min_workers, pinned.max_workers) == (2, 16)
+
+
+@pytest.mark.parametrize(("text", "parsed"), [("3", (3, 3)), ("1:4", (1, 4)), ("2:auto", (2, None))])
+def test_workers_flag(text: str, parsed: tuple) -> None:
+    assert parse_workers(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["0", "3:2", "a:b", "-1:2"])
+def test_workers_flag_rejects_nonsense(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_workers(text)

@@ -1,0 +1,151 @@
+"""The whole job on a real local Ray with the embedded model: local disk and the loopback S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+import pytest
+
+from skyreels_batch.cli import main
+from skyreels_batch.config import JobConfig
+from skyreels_batch.pipeline import run_job
+from tests.conftest import BUCKET, REPO, decode, write_manifest
+
+pytestmark = pytest.mark.slow
+
+GOOD = [
+    {"id": "alpha", "prompt": "a red kite over a beach", "num_frames": 9, "height": 32, "width": 48, "seed": 1},
+    {"id": "beta", "prompt": "snow falling on a quiet town", "num_frames": 17, "height": 48, "width": 32, "fps": 16},
+    {
+        "id": "gamma.v2",
+        "prompt": "a paper boat on a stream",
+        "num_frames": 5,
+        "height": 32,
+        "width": 32,
+        "num_inference_steps": 2,
+    },
+]
+BAD = [
+    {"id": "odd-frames", "prompt": "x", "num_frames": 8, "height": 32, "width": 32},
+    {"id": "no-prompt", "prompt": None, "num_frames": 5, "height": 32, "width": 32},
+]
+EXPECTED = {"alpha": (9, 32, 48, 24), "beta": (17, 48, 32, 16), "gamma.v2": (5, 32, 32, 24)}
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    base = tmp_path_factory.mktemp("job")
+    manifest = write_manifest(base / "manifest.parquet", GOOD + BAD)
+    output = base / "out"
+    summary = run_job(JobConfig(manifest=str(manifest), output=str(output)), log=lambda _: None)
+    return manifest, output, summary
+
+
+def test_every_good_row_becomes_an_mp4_with_the_rows_frames_size_and_fps(local_run) -> None:
+    _, output, summary = local_run
+    assert (summary.total, summary.done, summary.failed) == (5, 3, 2)
+    assert sorted(p.name for p in (output / "videos").iterdir()) == sorted(f"{i}.mp4" for i in EXPECTED)
+    for video_id, (num_frames, height, width, fps) in EXPECTED.items():
+        frames, rate = decode(output / "videos" / f"{video_id}.mp4")
+        assert frames.shape == (num_frames, height, width, 3), video_id
+        assert rate == fps, video_id
+        assert frames.std() > 0, "a real render is not a flat frame"
+    assert not (output / "_segments").exists()
+
+
+def test_results_index_has_one_row_per_manifest_row(local_run) -> None:
+    _, output, _ = local_run
+    results = pd.read_parquet(output / "results").set_index("id")
+    assert sorted(results.index) == sorted(row["id"] for row in GOOD + BAD)
+    for video_id, (num_frames, height, width, fps) in EXPECTED.items():
+        row = results.loc[video_id]
+        assert row.status == "done" and pd.isna(row.error)
+        assert row.uri == str(output / "videos" / f"{video_id}.mp4")
+        assert (row.num_frames, row.height, row.width, row.fps) == (num_frames, height, width, fps)
+        assert row.model == "tiny-df" and row.render_s > 0 and row.encode_s > 0
+        params = json.loads(row.params)
+        assert params["seed"] == row.seed and params["num_frames"] == num_frames
+    assert results.loc["alpha"].seed == 1
+    assert results.loc["odd-frames"].status == "failed" and "num_frames" in results.loc["odd-frames"].error
+    assert results.loc["no-prompt"].status == "failed" and "prompt" in results.loc["no-prompt"].error
+
+
+def test_rerunning_gives_bit_identical_videos_and_still_one_row_per_id(local_run) -> None:
+    manifest, output, _ = local_run
+    before = {p.name: p.read_bytes() for p in (output / "videos").iterdir()}
+    run_job(JobConfig(manifest=str(manifest), output=str(output)), log=lambda _: None)
+    after = {p.name: p.read_bytes() for p in (output / "videos").iterdir()}
+    assert before == after
+    results = pd.read_parquet(output / "results")
+    assert len(results) == len(GOOD + BAD) and results.id.is_unique
+    assert len(list((output / "results").iterdir())) == 1
+
+
+def test_job_reads_the_manifest_from_and_writes_everything_to_s3(ray_local: None, tmp_path: Path) -> None:
+    local_manifest = write_manifest(tmp_path / "manifest.parquet", GOOD[:2] + BAD[:1])
+    fs = fsspec.filesystem("s3")
+    fs.put_file(str(local_manifest), f"{BUCKET}/manifests/m.parquet")
+    output = f"s3://{BUCKET}/job-s3"
+    summary = run_job(JobConfig(manifest=f"s3://{BUCKET}/manifests/m.parquet", output=output), log=lambda _: None)
+    assert (summary.done, summary.failed) == (2, 1)
+    for video_id in ("alpha", "beta"):
+        with fs.open(f"{BUCKET}/job-s3/videos/{video_id}.mp4", "rb") as remote:
+            frames, rate = decode(remote)
+        num_frames, height, width, fps = EXPECTED[video_id]
+        assert frames.shape == (num_frames, height, width, 3) and rate == fps
+    assert not fs.exists(f"{BUCKET}/job-s3/_segments/alpha")
+    results = pd.read_parquet(f"{output}/results").set_index("id")
+    assert results.loc["alpha"].uri == f"{output}/videos/alpha.mp4"
+    assert results.loc["odd-frames"].status == "failed"
+
+
+def test_exit_code_is_1_when_some_rows_fail_and_0_when_all_are_done(ray_local: None, tmp_path: Path) -> None:
+    mixed = write_manifest(tmp_path / "mixed.parquet", GOOD[2:] + BAD[:1])
+    clean = write_manifest(tmp_path / "clean.parquet", GOOD[2:])
+    assert main([str(mixed), "--output", str(tmp_path / "mixed")]) == 1
+    assert main([str(clean), "--output", str(tmp_path / "clean"), "--crf", "30"]) == 0
+    frames, _ = decode(tmp_path / "clean" / "videos" / "gamma.v2.mp4")
+    assert frames.shape == (5, 32, 32, 3)
+
+
+def test_lossless_flag_writes_rgb_masters(ray_local: None, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.parquet", GOOD[:1])
+    assert main([str(manifest), "--output", str(tmp_path / "out"), "--lossless"]) == 0
+    import av
+
+    with av.open(str(tmp_path / "out" / "videos" / "alpha.mp4")) as container:
+        assert container.streams.video[0].codec_context.pix_fmt in {"rgb24", "gbrp"}
+        assert container.streams.video[0].codec_context.name == "h264"
+
+
+@pytest.mark.parametrize(
+    ("manifest_of", "args", "message"),
+    [
+        (lambda d: write_manifest(d / "m.parquet", GOOD), ["--model", "Nope/Nothing"], "unknown model"),
+        (lambda d: d / "missing.parquet", [], "does not exist"),
+        (lambda d: write_manifest(d / "m.parquet", [{"prompt": "no ids here"}]), [], "no 'id' column"),
+        (
+            lambda d: (d / "junk.parquet").write_bytes(b"not parquet at all") and d / "junk.parquet",
+            [],
+            "cannot read manifest",
+        ),
+    ],
+)
+def test_unusable_invocations_exit_2_with_one_line_and_no_traceback(tmp_path: Path, manifest_of, args, message) -> None:
+    manifest = manifest_of(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "jobs/render.py", str(manifest), "--output", str(tmp_path / "out"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

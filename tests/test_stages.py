@@ -1,0 +1,120 @@
+"""Stage classes called directly on pyarrow batches: no Ray, the real embedded model, real MP4s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+
+from skyreels_batch.embedded import materialize
+from skyreels_batch.models import card_for
+from skyreels_batch.stages.render import RenderVideos
+from skyreels_batch.stages.validate import ValidateRows
+from skyreels_batch.stages.write import WriteVideos
+from skyreels_batch.video import to_uint8
+from tests.conftest import decode
+
+CARD = card_for("tiny-df")
+ROW = {
+    "id": "clip",
+    "prompt": "a lighthouse in a storm",
+    "num_frames": 9,
+    "height": 32,
+    "width": 48,
+    "seed": 11,
+    "fps": 16,
+    "shift": 5.0,
+    "guidance_scale": 4.0,
+    "num_inference_steps": 3,
+}
+
+
+def validated(rows: list[dict], duplicates: frozenset[str] = frozenset()) -> pa.Table:
+    return ValidateRows(CARD, max_frames=1457, duplicate_ids=duplicates)(pa.Table.from_pylist(rows))
+
+
+@pytest.fixture(scope="module")
+def render_stage(tmp_path_factory: pytest.TempPathFactory) -> RenderVideos:
+    return RenderVideos(CARD, output=str(tmp_path_factory.mktemp("out")), device="cpu", torch_threads=2)
+
+
+def test_validate_passes_good_rows_and_turns_bad_ones_into_errors() -> None:
+    rows = validated(
+        [ROW, {**ROW, "id": "bad", "num_frames": 10}, {**ROW, "id": "twice"}, {**ROW, "id": "twice"}],
+        duplicates=frozenset({"twice"}),
+    ).to_pylist()
+    good, bad, first, second = rows
+    assert good["error"] is None and json.loads(good["params"])["seed"] == 11
+    assert bad["params"] is None and "row 'bad'" in bad["error"] and "num_frames" in bad["error"]
+    assert "appears more than once" in first["error"] and "appears more than once" in second["error"]
+
+
+def test_rendered_video_is_exactly_what_diffusers_returns(render_stage: RenderVideos, tmp_path: Path) -> None:
+    rendered = render_stage(validated([ROW]))
+    row = rendered.to_pylist()[0]
+    assert row["error"] is None and row["render_s"] > 0
+    written = WriteVideos(output=render_stage.output, crf=18, lossless=True)(rendered).to_pylist()[0]
+    frames, fps = decode(written["uri"])
+
+    # The reference: diffusers called by hand, the way its docs show, with the row's parameters.
+    pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(materialize(CARD))
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=5.0)
+    expected = pipe(
+        prompt=ROW["prompt"],
+        negative_prompt=CARD.defaults.negative_prompt,
+        height=32,
+        width=48,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        fps=16,
+        generator=torch.Generator("cpu").manual_seed(11),
+    ).frames[0]
+    assert fps == 16
+    assert frames.shape == (9, 32, 48, 3)
+    np.testing.assert_array_equal(frames, to_uint8(expected))  # lossless RGB: bit-exact
+    assert not Path(render_stage.output, "_segments", "clip").exists(), "segments are removed once committed"
+
+
+def test_default_encoding_is_yuv420p_h264_with_the_rows_fps(render_stage: RenderVideos) -> None:
+    row = {**ROW, "id": "plain", "fps": 24}
+    written = WriteVideos(output=render_stage.output, crf=18, lossless=False)(render_stage(validated([row])))
+    uri = written.to_pylist()[0]["uri"]
+    import av
+
+    with av.open(uri) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.name, stream.codec_context.pix_fmt) == ("h264", "yuv420p")
+    frames, fps = decode(uri)
+    assert frames.shape == (9, 32, 48, 3) and fps == 24
+
+
+def test_failed_rows_pass_through_render_and_write_untouched(render_stage: RenderVideos) -> None:
+    bad = validated([{**ROW, "id": "bad", "height": 33}])
+    written = WriteVideos(output=render_stage.output, crf=18, lossless=False)(render_stage(bad)).to_pylist()[0]
+    assert written["uri"] is None and "height" in written["error"]
+    assert not Path(render_stage.output, "videos", "bad.mp4").exists()
+
+
+def test_a_row_whose_output_cannot_be_written_fails_alone(render_stage: RenderVideos, tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    (blocked / "videos").mkdir(parents=True)
+    (blocked / "videos" / "stuck.mp4").mkdir()  # a directory where the MP4 must go: the commit fails
+    rendered = render_stage(validated([{**ROW, "id": "stuck"}, {**ROW, "id": "fine"}]))
+    writer = WriteVideos(output=str(blocked), crf=18, lossless=False)
+    stuck, fine = writer(rendered).to_pylist()
+    assert stuck["uri"] is None and stuck["error"].startswith("row 'stuck': writing the MP4 failed:")
+    assert fine["error"] is None and Path(fine["uri"]).is_file()
+
+
+def test_same_row_renders_identical_frames_twice(render_stage: RenderVideos) -> None:
+    first = np.load(render_stage(validated([ROW])).to_pylist()[0]["segments"][0])
+    second = np.load(render_stage(validated([ROW])).to_pylist()[0]["segments"][0])
+    other_seed = np.load(render_stage(validated([{**ROW, "seed": 12}])).to_pylist()[0]["segments"][0])
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other_seed)

@@ -1,0 +1,52 @@
+"""`ray job submit --working-dir . -- python jobs/render.py ...` against a real `ray start --head`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, decode
+from tests.ray_head import ray_head
+
+pytestmark = pytest.mark.slow
+
+
+def test_job_submission_renders_the_example_manifest(tmp_path: Path, model_cache: Path) -> None:
+    output = tmp_path / "renders"
+    with ray_head(env={"SKYREELS_BATCH_CACHE": str(model_cache)}) as head:
+        result = subprocess.run(
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                head.dashboard,
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                "jobs/render.py",
+                "examples/manifest.parquet",
+                "--output",
+                str(output),
+            ],
+            cwd=REPO,
+            env={**os.environ, **head.env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The job's own output reaches `ray job submit` (and `ray job logs`).
+    assert "videos 4/4 (0 failed)" in result.stdout
+    assert "succeeded" in result.stdout
+    manifest = pd.read_parquet(REPO / "examples" / "manifest.parquet")
+    results = pd.read_parquet(output / "results").set_index("id")
+    assert sorted(results.index) == sorted(manifest.id) and set(results.status) == {"done"}
+    for video_id, row in results.iterrows():
+        frames, fps = decode(output / "videos" / f"{video_id}.mp4")
+        assert frames.shape == (row.num_frames, row.height, row.width, 3) and fps == row.fps
