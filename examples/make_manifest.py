@@ -22,12 +22,25 @@ ROWS = [
         "guidance_scale": 5.0,
         "shift": 5.0,
     },
+    # A long video: 257 frames in 97-frame windows continuing from 17 frames, with prompt travel.
+    {
+        "id": "coast-drive",
+        "prompt": "A car driving along a coastal road.",
+        "num_frames": 257,
+        "base_num_frames": 97,
+        "overlap_history": 17,
+        "seed": 3,
+        "segment_prompts": [
+            "A car driving along a coastal road at sunrise.",
+            "The same road at noon, waves breaking below.",
+            "The road at sunset, lights coming on in a village.",
+        ],
+    },
 ]
+INTEGER_COLUMNS = ["seed", "fps", "num_frames", "height", "width", "base_num_frames", "overlap_history"]
 
 if __name__ == "__main__":
-    frame = pd.DataFrame(ROWS).astype(
-        {"seed": "Int64", "fps": "Int64", "num_frames": "Int64", "height": "Int64", "width": "Int64"}
-    )
+    frame = pd.DataFrame(ROWS).astype({column: "Int64" for column in INTEGER_COLUMNS})
     path = Path(__file__).with_name("manifest.parquet")
     frame.to_parquet(path, index=False)
     print(path)

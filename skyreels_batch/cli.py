@@ -7,6 +7,7 @@ whole is unusable.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from skyreels_batch.config import JobConfig
@@ -68,12 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-frames", type=int, default=1457, metavar="N", help="reject rows asking for more frames (default 1457)"
     )
     parser.add_argument(
+        "--save-latents",
+        action="store_true",
+        help="also write <output>/latents/<id>.safetensors (key 'latents', [1, C, L, h, w])",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="render nothing; print each video's segment plan as one JSON line, then the totals",
+    )
+    parser.add_argument(
         "--device",
         choices=["auto", "cuda", "cpu"],
         default="auto",
         help="where render actors run (default: cuda when the cluster has GPUs)",
     )
     return parser
+
+
+def dry_run(config: JobConfig) -> int:
+    from skyreels_batch.pipeline import plan_job
+
+    failed = 0
+    for line in plan_job(config):
+        failed = line.get("total", {}).get("failed", failed)
+        print(json.dumps(line), flush=True)
+    return EXIT_SOME_FAILED if failed else EXIT_DONE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         crf=args.crf,
         lossless=args.lossless,
         max_frames=args.max_frames,
+        save_latents=args.save_latents,
         device=args.device,
     )
     from skyreels_batch.pipeline import run_job  # Ray and torch load only once the flags are good
 
     try:
+        if args.dry_run:
+            return dry_run(config)
         summary = run_job(config, log=lambda line: print(line, flush=True))
     except (UnknownModelError, ManifestError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -21,6 +21,7 @@ class JobConfig(BaseModel):
     crf: int = Field(default=18, ge=0, le=51, description="H.264 constant rate factor (lower is better).")
     lossless: bool = Field(default=False, description="Lossless RGB H.264 (libx264rgb, crf 0) for masters.")
     max_frames: int = Field(default=1457, ge=1, description="Rows asking for more frames are rejected.")
+    save_latents: bool = Field(default=False, description="Also write <output>/latents/<id>.safetensors.")
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where render actors run.")
 
 

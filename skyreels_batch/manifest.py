@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -55,6 +56,13 @@ def open_manifest(uri: str) -> Manifest:
         unknown_columns=[name for name in dataset.schema.names if name not in known],
         duplicate_ids=duplicates,
     )
+
+
+def read_rows(manifest: Manifest) -> Iterator[dict]:
+    """Every manifest row as a dict, a record batch at a time (the driver-side path: --dry-run)."""
+    dataset = pads.dataset(manifest.files, filesystem=storage.arrow_filesystem(manifest.fs), format="parquet")
+    for batch in dataset.to_batches(columns=manifest.columns):
+        yield from batch.to_pylist()
 
 
 def _parquet_files(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[str]:

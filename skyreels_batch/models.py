@@ -41,6 +41,7 @@ class RowDefaults(BaseModel):
     guidance_scale: float
     shift: float
     negative_prompt: str
+    overlap_history: int = 17
 
 
 class ModelCard(BaseModel):

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import ray
+from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy, Dataset
 
 from skyreels_batch import storage
 from skyreels_batch.config import JobConfig, Resources, plan_resources
-from skyreels_batch.manifest import Manifest, open_manifest
+from skyreels_batch.manifest import Manifest, open_manifest, read_rows
 from skyreels_batch.models import ModelCard, card_for
+from skyreels_batch.progress import SegmentCounter
 from skyreels_batch.results import result_row, write_index
+from skyreels_batch.schema import RenderParams, plan_for
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
@@ -23,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Rows per block when reading: small blocks let the render pool spread rows over every actor.
 ROWS_PER_READ_BLOCK = 1
+PROGRESS_INTERVAL_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -55,15 +60,34 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print) -> JobSumm
         ValidateRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids),
         batch_format="pyarrow",
         num_cpus=resources.validate_num_cpus,
-    )
-    rows = render_videos(rows, card, output, resources)
+    ).materialize()  # small metadata; validating everything first gives the totals progress counts against
+    progress = Progress(total_videos=manifest.num_rows, total_segments=int(rows.sum("num_segments") or 0), log=log)
+    rows = render_videos(rows, card, output, resources, progress.counter)
     rows = rows.map_batches(
-        WriteVideos(output=output, crf=config.crf, lossless=config.lossless),
+        WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents),
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=resources.write_num_cpus,
     )
-    return collect_results(rows, output, manifest.num_rows, log)
+    return collect_results(rows, output, progress, log)
+
+
+def plan_job(config: JobConfig) -> Iterator[dict]:
+    """--dry-run: each row's segment plan (or its error) and then the totals, without Ray or a GPU."""
+    card = card_for(config.model)
+    manifest = open_manifest(config.manifest)
+    validate = ValidateRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids)
+    videos = segments = cost = failed = 0
+    for raw in read_rows(manifest):
+        row = validate.validate(raw)
+        if row.get("error"):
+            failed += 1
+            yield {"id": row["id"], "error": row["error"]}
+            continue
+        plan = plan_for(RenderParams.model_validate_json(row["params"]))
+        videos, segments, cost = videos + 1, segments + len(plan.segments), cost + plan.cost
+        yield plan.as_json(row["id"])
+    yield {"total": {"videos": videos, "segments": segments, "cost": cost, "failed": failed}}
 
 
 def read_manifest(manifest: Manifest, resources: Resources) -> Dataset:
@@ -76,38 +100,87 @@ def read_manifest(manifest: Manifest, resources: Resources) -> Dataset:
     )
 
 
-def render_videos(rows: Dataset, card: ModelCard, output: str, resources: Resources) -> Dataset:
+def render_videos(rows: Dataset, card: ModelCard, output: str, resources: Resources, progress: ActorHandle) -> Dataset:
     return rows.map_batches(
         RenderVideos,
         fn_constructor_kwargs=dict(
-            card=card, output=output, device=resources.device, torch_threads=resources.torch_threads
+            card=card,
+            output=output,
+            device=resources.device,
+            torch_threads=resources.torch_threads,
+            progress=progress,
         ),
         batch_size=1,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=resources.min_workers, max_size=resources.max_workers),
+        # One video at a time per actor: a free actor always takes the next waiting video instead of it queueing
+        # behind a busy actor's long one.
+        compute=ActorPoolStrategy(
+            min_size=resources.min_workers, max_size=resources.max_workers, max_tasks_in_flight_per_actor=1
+        ),
         num_gpus=resources.render_num_gpus,
         num_cpus=resources.render_num_cpus,
     )
 
 
-def collect_results(rows: Dataset, output: str, total: int, log: Callable[[str], None]) -> JobSummary:
+class Progress:
+    """Videos and segments done, printed as they finish (stdout, so `ray job logs` shows it too)."""
+
+    def __init__(self, *, total_videos: int, total_segments: int, log: Callable[[str], None]) -> None:
+        self.total_videos = total_videos
+        self.total_segments = total_segments
+        self.log = log
+        self.counter = SegmentCounter.remote()
+        self.counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._last_line = ""
+        self._ticker = threading.Thread(target=self._tick, daemon=True)
+        self._ticker.start()
+
+    def video_finished(self, status: str) -> None:
+        self.counts[status] += 1
+        self._report()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._report()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(PROGRESS_INTERVAL_S):
+            self._report()
+
+    def _report(self) -> None:
+        segments = ray.get(self.counter.value.remote())
+        videos = self.counts["done"] + self.counts["failed"]
+        line = (
+            f"videos {videos}/{self.total_videos} ({self.counts['failed']} failed), "
+            f"segments {segments}/{self.total_segments}"
+        )
+        if line != self._last_line:
+            self._last_line = line
+            self.log(line)
+
+
+def collect_results(rows: Dataset, output: str, progress: Progress, log: Callable[[str], None]) -> JobSummary:
     """Stream the (small) result rows to the driver, report progress, write the index."""
-    results, counts = [], Counter()
-    for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in batch.to_pylist():
-            result = result_row(row)
-            results.append(result)
-            counts[result["status"]] += 1
-            if result["error"]:
-                log(f"failed: {result['error']}")
-            log(f"videos {counts['done'] + counts['failed']}/{total} ({counts['failed']} failed)")
+    results = []
+    try:
+        for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                result = result_row(row)
+                results.append(result)
+                if result["error"]:
+                    log(f"failed: {result['error']}")
+                progress.video_finished(result["status"])
+    finally:
+        progress.close()
     index_uri = write_index(output, results)
     storage.remove_empty_dir(storage.join(output, "_segments"))
     log(f"results index: {index_uri}")
+    failed = [result["error"] for result in results if result["error"]]
     return JobSummary(
-        total=total,
-        done=counts["done"],
-        failed=counts["failed"],
+        total=progress.total_videos,
+        done=len(results) - len(failed),
+        failed=len(failed),
         index_uri=index_uri,
-        errors=[result["error"] for result in results if result["error"]],
+        errors=failed,
     )

@@ -1,8 +1,7 @@
-"""Loading SkyReels-V2 diffusers pipelines and calling them with a row's resolved parameters.
+"""Loading SkyReels-V2 diffusers pipelines, once per actor.
 
-The only module that knows diffusers' call signatures: every render goes through `pipeline_kwargs`, so a row's
-video is exactly what the diffusers pipeline returns for the same parameters and
-`generator=torch.Generator("cpu").manual_seed(seed)`.
+Diffusion-forcing segments are computed by diffusion_forcing.py with the loaded pipeline's components; plain
+T2V checkpoints are called through `pipeline_kwargs`.
 """
 
 from __future__ import annotations
@@ -48,8 +47,9 @@ def use_shift(pipeline: DiffusionPipeline, shift: float) -> None:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, flow_shift=shift)
 
 
-def pipeline_kwargs(params: RenderParams, family: str) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(
+def pipeline_kwargs(params: RenderParams) -> dict[str, Any]:
+    """A row's parameters as plain (non diffusion-forcing) pipeline arguments; the generator is the caller's."""
+    return dict(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
         height=params.height,
@@ -57,14 +57,4 @@ def pipeline_kwargs(params: RenderParams, family: str) -> dict[str, Any]:
         num_frames=params.num_frames,
         num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(params.seed),
     )
-    if family == "df":
-        kwargs.update(base_num_frames=params.base_num_frames, fps=params.fps)
-    return kwargs
-
-
-def render(pipeline: DiffusionPipeline, params: RenderParams, family: str) -> torch.Tensor | Any:
-    """The row's frames as float numpy [T, H, W, 3] in [0, 1], as diffusers returns them."""
-    use_shift(pipeline, params.shift)
-    return pipeline(**pipeline_kwargs(params, family), output_type="np").frames[0]

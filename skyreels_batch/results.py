@@ -28,6 +28,9 @@ RESULTS = pa.schema(
         ("model", pa.string()),
         ("params", pa.string()),
         ("checksum", pa.string()),
+        ("latents_uri", pa.string()),
+        ("num_segments", pa.int64()),
+        ("resumed_segments", pa.int64()),
         ("render_s", pa.float64()),
         ("encode_s", pa.float64()),
     ]
@@ -43,7 +46,21 @@ def result_row(row: dict[str, Any]) -> dict[str, Any]:
     """A row that left the writer stage -> its results index row."""
     params = json.loads(row["params"]) if row.get("params") else {}
     return {
-        **{name: row.get(name) for name in ("id", "uri", "error", "params", "checksum", "render_s", "encode_s")},
+        **{
+            name: row.get(name)
+            for name in (
+                "id",
+                "uri",
+                "error",
+                "params",
+                "checksum",
+                "latents_uri",
+                "num_segments",
+                "resumed_segments",
+                "render_s",
+                "encode_s",
+            )
+        },
         **{name: params.get(name) for name in PARAM_COLUMNS},
         "status": "failed" if row.get("error") else "done",
     }

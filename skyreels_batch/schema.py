@@ -13,11 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from skyreels_batch.models import ModelCard
+from skyreels_batch.plan import TEMPORAL_FACTOR, VideoPlan, plan_video
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 MAX_SEED = 2**63 - 1
-# The VAE compresses time 4x: a video has 4k+1 frames.
-TEMPORAL_FACTOR = 4
 # Height and width must be multiples of the VAE's spatial factor (8) times the transformer's patch (2).
 SPATIAL_MULTIPLE = 16
 
@@ -51,6 +50,22 @@ class ManifestRow(BaseModel):
         default=None, ge=0.0, le=30.0, description="Classifier-free guidance; 1 or less turns it off."
     )
     shift: float | None = Field(default=None, gt=0.0, le=100.0, description="Flow-matching scheduler shift.")
+    base_num_frames: int | None = Field(
+        default=None, ge=1, description="Frames per model window, 4k+1 (card default: 97 at 540P, 121 at 720P)."
+    )
+    overlap_history: int | None = Field(
+        default=None, ge=1, description="Frames each window after the first continues from, 4k+1 (default 17)."
+    )
+    addnoise_condition: float | None = Field(
+        default=None, ge=0.0, le=60.0, description="Noise added to the overlap frames for smoother long videos (0-60)."
+    )
+    ar_step: int | None = Field(default=None, ge=0, description="Asynchronous diffusion forcing lag; 0 is synchronous.")
+    causal_block_size: int | None = Field(
+        default=None, ge=1, description="Latent frames per causal block (async mode); must divide every window."
+    )
+    segment_prompts: list[str] | None = Field(
+        default=None, min_length=1, description="Prompt travel: segment k uses prompt k, the last one repeating."
+    )
 
     @field_validator("id")
     @classmethod
@@ -59,11 +74,18 @@ class ManifestRow(BaseModel):
             raise ValueError("must not be '.' or '..'")
         return value
 
-    @field_validator("prompt", "negative_prompt")
+    @field_validator("prompt")
     @classmethod
-    def _not_blank(cls, value: str | None, info: Any) -> str | None:
-        if info.field_name == "prompt" and value is not None and not value.strip():
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("segment_prompts")
+    @classmethod
+    def _no_blank_segment_prompt(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not prompt.strip() for prompt in value):
+            raise ValueError("must not contain blank prompts")
         return value
 
 
@@ -85,7 +107,17 @@ class RenderParams(BaseModel):
     guidance_scale: float
     shift: float
     base_num_frames: int
+    overlap_history: int
+    addnoise_condition: float
+    ar_step: int
+    causal_block_size: int
+    segment_prompts: tuple[str, ...] | None
     model: str
+
+    def prompt_for(self, segment_index: int) -> str:
+        if not self.segment_prompts:
+            return self.prompt
+        return self.segment_prompts[min(segment_index, len(self.segment_prompts) - 1)]
 
 
 def manifest_columns() -> dict[str, str]:
@@ -129,7 +161,12 @@ def resolve(raw: dict[str, Any], card: ModelCard, *, max_frames: int) -> RenderP
         num_inference_steps=row.num_inference_steps or defaults.num_inference_steps,
         guidance_scale=defaults.guidance_scale if row.guidance_scale is None else row.guidance_scale,
         shift=row.shift or defaults.shift,
-        base_num_frames=defaults.base_num_frames,
+        base_num_frames=row.base_num_frames or defaults.base_num_frames,
+        overlap_history=row.overlap_history or defaults.overlap_history,
+        addnoise_condition=row.addnoise_condition or 0.0,
+        ar_step=row.ar_step or 0,
+        causal_block_size=row.causal_block_size or 1,
+        segment_prompts=tuple(row.segment_prompts) if row.segment_prompts else None,
         model=card.name,
     )
     _check_against_card(params, card, max_frames, label)
@@ -142,14 +179,29 @@ def _check_against_card(params: RenderParams, card: ModelCard, max_frames: int, 
 
     if params.mode not in card.modes:
         fail("mode", f"{params.mode!r} is not served by {card.name} ({card.family} family serves {card.modes})")
-    if params.num_frames % TEMPORAL_FACTOR != 1:
-        fail("num_frames", f"must be 4k+1 (e.g. 17, 97), got {params.num_frames}")
-    window = min(max_frames, params.base_num_frames)
-    if params.num_frames > window:
-        fail("num_frames", f"{params.num_frames} is above the limit of {window} frames for {card.name}")
+    for field in ("num_frames", "base_num_frames", "overlap_history"):
+        if getattr(params, field) % TEMPORAL_FACTOR != 1:
+            fail(field, f"must be 4k+1 (e.g. 17, 97), got {getattr(params, field)}")
+    if params.num_frames > max_frames:
+        fail("num_frames", f"{params.num_frames} is above --max-frames {max_frames}")
+    if params.base_num_frames > card.defaults.base_num_frames:
+        window = card.defaults.base_num_frames
+        fail("base_num_frames", f"{params.base_num_frames} is above {card.name}'s window of {window}")
+    if params.num_frames > params.base_num_frames:
+        if card.family != "df":
+            limit = params.base_num_frames
+            fail("num_frames", f"{params.num_frames} frames need a diffusion-forcing model ({card.name}: {limit})")
+        if params.overlap_history >= params.base_num_frames:
+            fail("overlap_history", f"must be below base_num_frames ({params.base_num_frames})")
+    if (params.ar_step or params.causal_block_size > 1 or params.addnoise_condition) and card.family != "df":
+        fail("ar_step", f"asynchronous and long-video options need a diffusion-forcing model, not {card.name}")
     for field in ("height", "width"):
         if getattr(params, field) % SPATIAL_MULTIPLE:
             fail(field, f"must be a multiple of {SPATIAL_MULTIPLE}, got {getattr(params, field)}")
+    plan = plan_for(params)
+    uneven = [segment.length for segment in plan.segments if segment.length % params.causal_block_size]
+    if uneven:
+        fail("causal_block_size", f"{params.causal_block_size} does not divide the windows' latent frames {uneven}")
     longest, area = max(card.max_height, card.max_width), card.max_height * card.max_width
     if max(params.height, params.width) > longest or params.height * params.width > area:
         fail(
@@ -157,3 +209,15 @@ def _check_against_card(params: RenderParams, card: ModelCard, max_frames: int, 
             f"{params.height}x{params.width} is above {card.name}'s maximum of {card.max_height}x{card.max_width} "
             "(either orientation)",
         )
+
+
+def plan_for(params: RenderParams) -> VideoPlan:
+    return plan_video(
+        num_frames=params.num_frames,
+        base_num_frames=params.base_num_frames,
+        overlap_history=params.overlap_history,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        ar_step=params.ar_step,
+        causal_block_size=params.causal_block_size,
+    )

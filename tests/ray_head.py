@@ -81,6 +81,16 @@ def _wait_for_jobs_api(dashboard: str, process: subprocess.Popen, timeout_s: flo
     raise TimeoutError(f"Ray head's job API at {dashboard} did not come up in {timeout_s}s")
 
 
+def stop_processes_under(temp_dir: str) -> None:
+    """Kill every process whose command line mentions `temp_dir` (a Ray instance's temp/session dir)."""
+    leftovers = _ours(temp_dir)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def _ours(temp_dir: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -96,10 +106,6 @@ def _stop(process: subprocess.Popen, temp_dir: str) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=20)
     # Workers and agents started by the head carry its temp/session dir on their command line.
-    leftovers = _ours(temp_dir)
-    for proc in leftovers:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(leftovers, timeout=10)
+    stop_processes_under(temp_dir)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)

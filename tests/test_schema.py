@@ -47,7 +47,7 @@ def test_derived_seed_is_stable_across_releases() -> None:
     [
         ({"num_frames": 20}, "num_frames"),
         ({"num_frames": 0}, "num_frames"),
-        ({"num_frames": 101}, "num_frames"),  # above tiny-df's 97-frame window
+        ({"num_frames": 2001}, "num_frames"),  # above --max-frames
         ({"height": 100}, "height"),
         ({"width": 1000}, "width"),
         ({"height": 1024, "width": 1280}, "height/width"),
@@ -64,6 +64,13 @@ def test_derived_seed_is_stable_across_releases() -> None:
         ({"id": "a/b"}, "id"),
         ({"id": ".."}, "id"),
         ({"id": "x" * 129}, "id"),
+        ({"num_frames": 257, "overlap_history": 16}, "overlap_history"),
+        ({"num_frames": 257, "base_num_frames": 37, "overlap_history": 37}, "overlap_history"),
+        ({"base_num_frames": 121}, "base_num_frames"),  # above tiny-df's 97-frame window
+        ({"num_frames": 33, "ar_step": 1, "causal_block_size": 4}, "causal_block_size"),
+        ({"addnoise_condition": 99.0}, "addnoise_condition"),
+        ({"segment_prompts": []}, "segment_prompts"),
+        ({"segment_prompts": ["fine", " "]}, "segment_prompts"),
     ],
 )
 def test_bad_rows_name_the_row_and_the_field(raw: dict, field: str) -> None:
@@ -78,6 +85,26 @@ def test_bad_rows_name_the_row_and_the_field(raw: dict, field: str) -> None:
 def test_production_sizes_are_accepted_in_both_orientations() -> None:
     assert resolve_row(height=720, width=1280).width == 1280
     assert resolve_row(height=1280, width=720).height == 1280
+
+
+def test_long_video_columns_resolve_with_defaults_and_overrides() -> None:
+    params = resolve_row(num_frames=257)
+    assert (params.base_num_frames, params.overlap_history, params.ar_step, params.causal_block_size) == (97, 17, 0, 1)
+    assert params.addnoise_condition == 0.0 and params.segment_prompts is None
+    travel = resolve_row(
+        num_frames=257, segment_prompts=["dawn", "noon"], addnoise_condition=20, ar_step=5, causal_block_size=5
+    )
+    assert [travel.prompt_for(k) for k in range(4)] == ["dawn", "noon", "noon", "noon"]
+    assert (travel.addnoise_condition, travel.ar_step, travel.causal_block_size) == (20.0, 5, 5)
+
+
+def test_long_videos_need_a_diffusion_forcing_model() -> None:
+    with pytest.raises(RowError, match="num_frames: .*diffusion-forcing"):
+        resolve(
+            {"id": "v1", "prompt": "p", "num_frames": 257},
+            card_for("Skywork/SkyReels-V2-T2V-14B-540P-Diffusers"),
+            max_frames=1457,
+        )
 
 
 def test_max_frames_flag_caps_rows() -> None:

@@ -42,7 +42,7 @@ def test_job_submission_renders_the_example_manifest(tmp_path: Path, model_cache
         )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The job's own output reaches `ray job submit` (and `ray job logs`).
-    assert "videos 4/4 (0 failed)" in result.stdout
+    assert "videos 5/5 (0 failed), segments 7/7" in result.stdout
     assert "succeeded" in result.stdout
     manifest = pd.read_parquet(REPO / "examples" / "manifest.parquet")
     results = pd.read_parquet(output / "results").set_index("id")

@@ -12,15 +12,26 @@ import pyarrow as pa
 
 from skyreels_batch.schema import RenderParams
 
-# The columns between stages: small metadata only. Frames travel through storage (`_segments/`), not Ray's
-# object store.
-VALIDATED = pa.schema([("id", pa.string()), ("params", pa.string()), ("error", pa.string())])
-RENDERED = VALIDATED.append(pa.field("segments", pa.list_(pa.string()))).append(pa.field("render_s", pa.float64()))
-WRITTEN = (
-    VALIDATED.append(pa.field("uri", pa.string()))
-    .append(pa.field("checksum", pa.string()))
-    .append(pa.field("render_s", pa.float64()))
-    .append(pa.field("encode_s", pa.float64()))
+# The columns between stages: small metadata only. Frames and latents travel through storage (`_segments/`),
+# not Ray's object store.
+VALIDATED = pa.schema(
+    [
+        ("id", pa.string()),
+        ("params", pa.string()),
+        ("error", pa.string()),
+        ("num_segments", pa.int64()),
+        ("cost", pa.int64()),
+    ]
+)
+RENDERED = pa.schema([*VALIDATED, pa.field("resumed_segments", pa.int64()), pa.field("render_s", pa.float64())])
+WRITTEN = pa.schema(
+    [
+        *RENDERED,
+        pa.field("uri", pa.string()),
+        pa.field("latents_uri", pa.string()),
+        pa.field("checksum", pa.string()),
+        pa.field("encode_s", pa.float64()),
+    ]
 )
 
 

@@ -1,48 +1,99 @@
-"""The render stage: a pool of actors, each holding one SkyReels-V2 pipeline."""
+"""The render stage: a pool of actors, each holding one SkyReels-V2 pipeline, rendering videos as segment chains."""
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
-import numpy as np
 import torch
+from ray.actor import ActorHandle
 
-from skyreels_batch import storage
+from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment, encode_prompts
 from skyreels_batch.models import ModelCard
-from skyreels_batch.pipelines import load_pipeline, render
-from skyreels_batch.schema import RenderParams
+from skyreels_batch.pipelines import load_pipeline, pipeline_kwargs, use_shift
+from skyreels_batch.plan import Segment, VideoPlan
+from skyreels_batch.schema import RenderParams, plan_for
+from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import RENDERED, RowStage
 from skyreels_batch.video import to_uint8
 
 
-def segment_uri(output: str, video_id: str, index: int) -> str:
-    return storage.join(output, "_segments", video_id, f"{index:05d}.npy")
-
-
 class RenderVideos(RowStage):
-    """Validated rows -> frames persisted under `<output>/_segments/<id>/`, their URIs and the render time.
+    """Validated rows -> segments persisted under `<output>/_segments/<id>/`.
 
-    Frames go to storage, not into the batch: a 97-frame 544x960 video is 150 MB of uint8, which Ray Data's
-    object store would otherwise hold and spill.
+    A video is a chain of segment tasks (see plan.py). Each segment continues from the last overlap latents of
+    the one before and from the generator state it left, both persisted with it, so any actor can pick a video up
+    at its last finished segment after a failure. Frames go to storage, not into the batch: a 97-frame 544x960
+    segment is 150 MB of uint8, which Ray Data's object store would otherwise hold and spill.
     """
 
     output_schema = RENDERED
     failure = "render failed"
 
-    def __init__(self, card: ModelCard, *, output: str, device: str, torch_threads: int) -> None:
+    def __init__(
+        self, card: ModelCard, *, output: str, device: str, torch_threads: int, progress: ActorHandle | None = None
+    ) -> None:
         torch.set_num_threads(torch_threads)
         self.card = card
         self.output = output
+        self.progress = progress
         self.pipeline = load_pipeline(card, device)
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
-        frames = to_uint8(render(self.pipeline, params, self.card.family))
-        render_s = time.perf_counter() - started
-        uri = segment_uri(self.output, params.id, 0)
-        buffer = io.BytesIO()
-        np.save(buffer, frames, allow_pickle=False)
-        storage.write_bytes_atomic(uri, buffer.getvalue())
-        return {"segments": [uri], "render_s": render_s}
+        plan = plan_for(params)
+        store = SegmentStore(self.output, params.id)
+        resumed = store.open(params)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        decoder = StreamingDecoder(self.pipeline)
+        previous = None
+        if resumed:
+            previous, generator_state = store.load(resumed - 1)
+            generator.set_state(generator_state)
+            for segment, window in zip(plan.segments[:resumed], store.windows(resumed), strict=True):
+                decoder.skip(window[:, :, segment.overlap :])
+
+        use_shift(self.pipeline, params.shift)
+        embeddings: dict[str, tuple] = {}
+        for segment in plan.segments[resumed:]:
+            prompt = params.prompt_for(segment.index)
+            if prompt not in embeddings:
+                embeddings[prompt] = encode_prompts(
+                    self.pipeline, prompt, params.negative_prompt, params.guidance_scale
+                )
+            window = self._denoise(params, plan, segment, previous, generator, embeddings[prompt])
+            frames = to_uint8(decoder.decode(window[:, :, segment.overlap :]))
+            store.save(segment.index, frames, window, generator.get_state())
+            if self.progress is not None:
+                self.progress.add.remote()
+            previous = window
+        return {
+            "num_segments": len(plan.segments),
+            "resumed_segments": resumed,
+            "render_s": time.perf_counter() - started,
+        }
+
+    def _denoise(
+        self,
+        params: RenderParams,
+        plan: VideoPlan,
+        segment: Segment,
+        previous: torch.Tensor | None,
+        generator: torch.Generator,
+        embeddings: tuple,
+    ) -> torch.Tensor:
+        if self.card.family != "df":
+            # Plain T2V checkpoints render one window; their pipeline call is the whole segment.
+            kwargs = {**pipeline_kwargs(params), "generator": generator}
+            return self.pipeline(**kwargs, output_type="latent").frames
+        prompt_embeds, negative_prompt_embeds = embeddings
+        return denoise_segment(
+            self.pipeline,
+            plan=plan,
+            segment=segment,
+            previous_latents=previous,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            generator=generator,
+            params=params,
+        )

@@ -7,12 +7,12 @@ from collections.abc import Collection
 import pyarrow as pa
 
 from skyreels_batch.models import ModelCard
-from skyreels_batch.schema import RowError, resolve, row_label
+from skyreels_batch.schema import RowError, plan_for, resolve, row_label
 from skyreels_batch.stages import VALIDATED, table
 
 
 class ValidateRows:
-    """Manifest rows -> `id`, `params` (resolved JSON) or `error`. Cheap: runs as plain Ray tasks."""
+    """Manifest rows -> `id`, `params` (resolved JSON) and the plan's size, or `error`. Cheap: plain Ray tasks."""
 
     def __init__(self, card: ModelCard, *, max_frames: int, duplicate_ids: Collection[str]) -> None:
         self.card = card
@@ -31,4 +31,10 @@ class ValidateRows:
             params = resolve(raw, self.card, max_frames=self.max_frames)
         except RowError as error:
             return {"id": shown_id, "error": str(error)}
-        return {"id": params.id, "params": params.model_dump_json()}
+        plan = plan_for(params)
+        return {
+            "id": params.id,
+            "params": params.model_dump_json(),
+            "num_segments": len(plan.segments),
+            "cost": plan.cost,
+        }

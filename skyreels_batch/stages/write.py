@@ -1,17 +1,17 @@
-"""The writer stage: segments -> one MP4 at `<output>/videos/<id>.mp4`, committed atomically."""
+"""The writer stage: a video's segments -> one MP4 at `<output>/videos/<id>.mp4`, committed atomically."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
+import torch
+from safetensors.torch import save as save_tensors
 
 from skyreels_batch import storage
-from skyreels_batch.schema import RenderParams
+from skyreels_batch.schema import RenderParams, plan_for
+from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import WRITTEN, RowStage
 from skyreels_batch.video import encode_mp4
 
@@ -20,27 +20,45 @@ def video_uri(output: str, video_id: str) -> str:
     return storage.join(output, "videos", f"{video_id}.mp4")
 
 
+def latents_uri(output: str, video_id: str) -> str:
+    return storage.join(output, "latents", f"{video_id}.safetensors")
+
+
 class WriteVideos(RowStage):
-    """Rendered rows -> `uri`, `checksum` (sha256 of the MP4) and `encode_s`. CPU work: runs as Ray tasks."""
+    """Rendered rows -> `uri`, `checksum` (sha256 of the MP4), `encode_s`; with `save_latents` also the video's
+    latents. Reads one segment at a time, so memory does not grow with length. CPU work: runs as Ray tasks."""
 
     output_schema = WRITTEN
     failure = "writing the MP4 failed"
 
-    def __init__(self, *, output: str, crf: int, lossless: bool) -> None:
+    def __init__(self, *, output: str, crf: int, lossless: bool, save_latents: bool = False) -> None:
         self.output = output
         self.crf = crf
         self.lossless = lossless
+        self.save_latents = save_latents
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
-        mp4 = encode_mp4(self._frames(row["segments"]), fps=params.fps, crf=self.crf, lossless=self.lossless)
+        store = SegmentStore(self.output, params.id)
+        count = row["num_segments"]
+        mp4 = encode_mp4(store.frames(count), fps=params.fps, crf=self.crf, lossless=self.lossless)
+        saved_latents = self._save_latents(params, store, count) if self.save_latents else None
         uri = video_uri(self.output, params.id)
         storage.write_bytes_atomic(uri, mp4)
-        storage.remove_tree(storage.join(self.output, "_segments", params.id))
-        return {"uri": uri, "checksum": hashlib.sha256(mp4).hexdigest(), "encode_s": time.perf_counter() - started}
+        store.remove()
+        return {
+            "uri": uri,
+            "latents_uri": saved_latents,
+            "checksum": hashlib.sha256(mp4).hexdigest(),
+            "encode_s": time.perf_counter() - started,
+        }
 
-    @staticmethod
-    def _frames(segment_uris: list[str]) -> Iterator[np.ndarray]:
-        """One segment in memory at a time, frame by frame into the encoder."""
-        for uri in segment_uris:
-            yield from np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+    def _save_latents(self, params: RenderParams, store: SegmentStore, count: int) -> str:
+        """`latents` [1, C, L, h, w]: the video's latents, each overlap once (what training on latents wants)."""
+        segments = plan_for(params).segments
+        parts = [
+            window[:, :, segment.overlap :] for segment, window in zip(segments, store.windows(count), strict=True)
+        ]
+        uri = latents_uri(self.output, params.id)
+        storage.write_bytes_atomic(uri, save_tensors({"latents": torch.cat(parts, dim=2).contiguous()}))
+        return uri

@@ -1,0 +1,191 @@
+"""Diffusion forcing one segment at a time, with the SkyReels-V2 pipeline's own components.
+
+Why this module reaches inside diffusers: `SkyReelsV2DiffusionForcingPipeline.__call__` renders a long video in
+one call, keeps every segment's latents and decodes the whole video at the end, so memory grows with length and a
+crash loses everything. To run each segment as its own task we call the pipeline's own pieces (`encode_prompt`,
+`prepare_latents`, `generate_timestep_matrix`, the transformer, per-frame scheduler copies) in the order its
+`__call__` does, and nothing else of diffusers is copied. Two deliberate differences:
+
+- the `addnoise_condition` noise is drawn from the row's seeded generator (diffusers draws it from torch's global
+  RNG, so its long videos are not reproducible);
+- `causal_block_size` is always set explicitly: the pipeline stores it in the loaded transformer's config, where
+  an async row would otherwise leak its attention mode into every later row.
+
+tests/test_long_video.py pins this module to diffusers' in-process result (latents equal to float tolerance).
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import numpy as np
+import torch
+from diffusers import SkyReelsV2DiffusionForcingPipeline
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from diffusers.utils.torch_utils import randn_tensor
+
+from skyreels_batch.plan import Segment, VideoPlan
+from skyreels_batch.schema import RenderParams
+
+
+def denoising_iterations(
+    *, num_latent_frames: int, num_inference_steps: int, ar_step: int, num_pre_ready: int, causal_block_size: int
+) -> int:
+    """Rows of diffusers' timestep matrix: how many transformer passes (per guidance branch) a window takes."""
+    # generate_timestep_matrix uses no pipeline state; only the schedule's length matters for the count.
+    step_template = torch.arange(num_inference_steps, 0, -1) * (1000 // max(num_inference_steps, 1))
+    step_matrix, *_ = SkyReelsV2DiffusionForcingPipeline.generate_timestep_matrix(
+        None, num_latent_frames, step_template, num_latent_frames, ar_step, num_pre_ready, causal_block_size
+    )
+    return len(step_matrix)
+
+
+@torch.no_grad()
+def encode_prompts(
+    pipeline: SkyReelsV2DiffusionForcingPipeline, prompt: str, negative_prompt: str, guidance_scale: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    positive, negative = pipeline.encode_prompt(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        do_classifier_free_guidance=guidance_scale > 1.0,
+        max_sequence_length=512,
+        device=pipeline._execution_device,
+    )
+    dtype = pipeline.transformer.dtype
+    return positive.to(dtype), None if negative is None else negative.to(dtype)
+
+
+@torch.no_grad()
+def denoise_segment(
+    pipeline: SkyReelsV2DiffusionForcingPipeline,
+    *,
+    plan: VideoPlan,
+    segment: Segment,
+    previous_latents: torch.Tensor | None,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None,
+    generator: torch.Generator,
+    params: RenderParams,
+) -> torch.Tensor:
+    """The latents of one window [1, C, window, h, w], float32, exactly as diffusers' loop computes them.
+
+    `previous_latents` ends with the video's latents so far (at least the overlap); None for the first segment.
+    """
+    device = pipeline._execution_device
+    transformer = pipeline.transformer
+    steps, causal_block_size, addnoise = params.num_inference_steps, params.causal_block_size, params.addnoise_condition
+    transformer._set_ar_attention(causal_block_size)
+    long_video = len(plan.segments) > 1
+
+    pipeline.scheduler.set_timesteps(steps, device=device)
+    timesteps = pipeline.scheduler.timesteps
+    latents, window, prefix, prefix_frames = pipeline.prepare_latents(
+        1,
+        transformer.config.in_channels,
+        params.height,
+        params.width,
+        plan.num_frames,
+        torch.float32,
+        device,
+        generator,
+        None,
+        video_latents=previous_latents,
+        base_latent_num_frames=plan.window_latent_frames if long_video else None,
+        causal_block_size=causal_block_size,
+        overlap_history_latent_frames=plan.overlap_latent_frames if long_video else None,
+        long_video_iter=segment.index if long_video else None,
+    )
+    assert window == segment.length, f"plan says {segment.length} latent frames, diffusers {window}"
+    if prefix_frames > 0:
+        latents[:, :, :prefix_frames] = prefix.to(transformer.dtype)
+
+    schedulers = []
+    for _ in range(window):
+        scheduler = deepcopy(pipeline.scheduler)
+        scheduler.set_timesteps(steps, device=device)
+        schedulers.append(scheduler)
+    step_matrix, _, update_masks, intervals = pipeline.generate_timestep_matrix(
+        window, timesteps, window, params.ar_step, prefix_frames, causal_block_size
+    )
+    fps_embeds = [0 if params.fps == 16 else 1]
+
+    for t, update_mask, (start, end) in zip(step_matrix, update_masks, intervals, strict=True):
+        model_input = latents[:, :, start:end].to(transformer.dtype).clone()
+        timestep = t.expand(1, -1)[:, start:end].clone()
+        if addnoise > 0 and start < prefix_frames:
+            conditioned = model_input[:, :, start:prefix_frames]
+            noise = randn_tensor(conditioned.shape, generator=generator, device=device, dtype=conditioned.dtype)
+            factor = 0.001 * addnoise
+            model_input[:, :, start:prefix_frames] = conditioned * (1.0 - factor) + noise * factor
+            timestep[:, start:prefix_frames] = addnoise
+
+        noise_pred = _predict(transformer, model_input, timestep, prompt_embeds, fps_embeds, "cond")
+        if negative_prompt_embeds is not None:
+            noise_uncond = _predict(transformer, model_input, timestep, negative_prompt_embeds, fps_embeds, "uncond")
+            noise_pred = noise_uncond + params.guidance_scale * (noise_pred - noise_uncond)
+
+        for index in range(start, end):
+            if update_mask[index].item():
+                latents[:, :, index] = schedulers[index].step(
+                    noise_pred[:, :, index - start], t[index], latents[:, :, index], return_dict=False
+                )[0]
+    return latents
+
+
+def _predict(transformer, model_input, timestep, embeds, fps_embeds, branch: str) -> torch.Tensor:
+    with transformer.cache_context(branch):
+        return transformer(
+            hidden_states=model_input,
+            timestep=timestep,
+            encoder_hidden_states=embeds,
+            enable_diffusion_forcing=True,
+            fps=fps_embeds,
+            return_dict=False,
+        )[0]
+
+
+class StreamingDecoder:
+    """Decodes a video segment by segment, bit-identical to one whole-video `AutoencoderKLWan.decode`.
+
+    The Wan VAE decoder is causal in time and already decodes one latent frame at a time, carrying a cache of its
+    last features from frame to frame (its `_decode`). Keeping that cache between segments, instead of clearing
+    it, makes the seams exact where decoding each segment with a few frames of context does not (the cache is
+    recurrent: on the embedded model 12 frames of context still leave the seam at 30 dB). Memory stays one
+    segment's worth. A video resumed elsewhere rebuilds the cache by replaying its earlier latents (`skip`).
+    """
+
+    def __init__(self, pipeline: SkyReelsV2DiffusionForcingPipeline) -> None:
+        self.vae = pipeline.vae
+        self.video_processor = pipeline.video_processor
+        self.cache: list[torch.Tensor | None] = [None] * self.vae._cached_conv_counts["decoder"]
+        self.frames_seen = 0
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """The next latent frames of the video -> their float frames [T, H, W, 3] in [0, 1]."""
+        video = torch.cat(list(self._decode_frames(latents)), dim=2)
+        if self.vae.config.patch_size is not None:
+            video = unpatchify(video, patch_size=self.vae.config.patch_size)
+        video = torch.clamp(video, min=-1.0, max=1.0)
+        return self.video_processor.postprocess_video(video, output_type="np")[0]
+
+    @torch.no_grad()
+    def skip(self, latents: torch.Tensor) -> None:
+        """Advance past latent frames decoded by an earlier run, discarding their pixels."""
+        for _ in self._decode_frames(latents):
+            pass
+
+    def _decode_frames(self, latents: torch.Tensor):
+        vae = self.vae
+        latents = latents.to(vae.device, vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
+        x = vae.post_quant_conv(latents / inverse_std + mean)
+        for index in range(x.shape[2]):
+            yield vae.decoder(
+                x[:, :, index : index + 1],
+                feat_cache=self.cache,
+                feat_idx=[0],
+                first_chunk=self.frames_seen == 0,
+            )
+            self.frames_seen += 1

@@ -1,0 +1,109 @@
+"""The segment plan of a video: a pure function of the row's parameters, with diffusers' own arithmetic.
+
+A long video (`num_frames > base_num_frames` with `overlap_history`) is generated as windows of at most
+`base_num_frames`; each window after the first starts with the last `overlap_history` frames of what came before
+(as latents) and adds the rest. In latent frames (the VAE compresses time 4x, L = (n - 1) // 4 + 1):
+
+    n_iter = 1 + (L - B - 1) // (B - O) + 1          B, O: base and overlap in latent frames
+    window k > 0 starts at k (B - O) and is min(L - k (B - O) - O + O, B) = min(remaining + O, B) long
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+TEMPORAL_FACTOR = 4
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // TEMPORAL_FACTOR + 1
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int
+    latent_start: int  # first latent frame of the window, overlap included
+    latent_end: int  # one past its last latent frame
+    overlap: int  # latent frames at the window's start that come from the previous window
+    new_frames: int  # pixel frames this segment adds to the video
+    iterations: int  # denoising iterations (rows of diffusers' timestep matrix)
+
+    @property
+    def length(self) -> int:
+        return self.latent_end - self.latent_start
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    num_frames: int
+    num_latent_frames: int
+    window_latent_frames: int  # diffusers' base latent frames for this video
+    overlap_latent_frames: int
+    segments: tuple[Segment, ...]
+    cost: int  # transformer forward passes, classifier-free guidance counted twice
+
+    def as_json(self, video_id: str) -> dict:
+        return {
+            "id": video_id,
+            "num_frames": self.num_frames,
+            "segments": [
+                {k: v for k, v in asdict(s).items() if k in ("index", "latent_start", "latent_end", "new_frames")}
+                for s in self.segments
+            ],
+            "cost": self.cost,
+        }
+
+
+def plan_video(
+    *,
+    num_frames: int,
+    base_num_frames: int,
+    overlap_history: int | None,
+    num_inference_steps: int,
+    guidance_scale: float,
+    ar_step: int = 0,
+    causal_block_size: int = 1,
+) -> VideoPlan:
+    from skyreels_batch.diffusion_forcing import denoising_iterations
+
+    total = latent_frames(num_frames)
+    long_video = overlap_history is not None and num_frames > base_num_frames
+    if long_video:
+        base, overlap = latent_frames(base_num_frames), latent_frames(overlap_history)
+        if overlap >= base:
+            raise ValueError(f"overlap_history ({overlap_history}) must be shorter than base_num_frames")
+        count = 1 + (total - base - 1) // (base - overlap) + 1
+    else:
+        base, overlap, count = total, 0, 1
+    passes_per_iteration = 2 if guidance_scale > 1.0 else 1
+
+    segments = []
+    for index in range(count):
+        if index == 0:
+            start, length, prefix = 0, base, 0
+        else:
+            new_start = index * (base - overlap) + overlap
+            start, length, prefix = new_start - overlap, min(total - new_start + overlap, base), overlap
+        iterations = denoising_iterations(
+            num_latent_frames=length,
+            num_inference_steps=num_inference_steps,
+            ar_step=ar_step,
+            num_pre_ready=_aligned(prefix, causal_block_size),
+            causal_block_size=causal_block_size,
+        )
+        new_latents = length - prefix
+        new_frames = (new_latents - 1) * TEMPORAL_FACTOR + 1 if index == 0 else new_latents * TEMPORAL_FACTOR
+        segments.append(Segment(index, start, start + length, prefix, new_frames, iterations))
+    return VideoPlan(
+        num_frames=num_frames,
+        num_latent_frames=total,
+        window_latent_frames=base,
+        overlap_latent_frames=overlap,
+        segments=tuple(segments),
+        cost=sum(segment.iterations for segment in segments) * passes_per_iteration,
+    )
+
+
+def _aligned(prefix: int, causal_block_size: int) -> int:
+    """diffusers drops prefix frames that do not fill a whole causal block."""
+    return prefix - prefix % causal_block_size
