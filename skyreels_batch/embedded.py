@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKLWan,
+    DiffusionPipeline,
     SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2Pipeline,
     SkyReelsV2Transformer3DModel,
     UniPCMultistepScheduler,
 )
@@ -46,11 +48,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_pipeline(card: ModelCard) -> SkyReelsV2DiffusionForcingPipeline:
+PIPELINES = {"df": SkyReelsV2DiffusionForcingPipeline, "t2v": SkyReelsV2Pipeline}
+
+
+def build_pipeline(card: ModelCard) -> DiffusionPipeline:
     spec = card.embedded
     if spec is None:
         raise ValueError(f"{card.name} is not an embedded model")
-    if card.family != "df":
+    if card.family not in PIPELINES:
         raise ValueError(f"embedded family {card.family!r} is not buildable yet")
     tokenizer = build_tokenizer()
     torch.manual_seed(spec["seed"])
@@ -65,7 +70,7 @@ def build_pipeline(card: ModelCard) -> SkyReelsV2DiffusionForcingPipeline:
         num_train_timesteps=1000,
         flow_shift=card.defaults.shift,
     )
-    return SkyReelsV2DiffusionForcingPipeline(
+    return PIPELINES[card.family](
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
     )
 
