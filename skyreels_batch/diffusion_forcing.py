@@ -20,7 +20,7 @@ from copy import deepcopy
 
 import numpy as np
 import torch
-from diffusers import SkyReelsV2DiffusionForcingPipeline
+from diffusers import SkyReelsV2DiffusionForcingImageToVideoPipeline, SkyReelsV2DiffusionForcingPipeline
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -66,10 +66,17 @@ def denoise_segment(
     negative_prompt_embeds: torch.Tensor | None,
     generator: torch.Generator,
     params: RenderParams,
+    first_frame: torch.Tensor | None = None,
+    last_frame: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The latents of one window [1, C, window, h, w], float32, exactly as diffusers' loop computes them.
 
     `previous_latents` ends with the video's latents so far (at least the overlap); None for the first segment.
+    `first_frame` / `last_frame` (preprocessed images, i2v and flf2v) are encoded the way
+    `SkyReelsV2DiffusionForcingImageToVideoPipeline` does: the first becomes the first window's ready first latent
+    frame; the last rides, frozen, at the end of the final window and is not part of the returned latents.
+    diffusers sizes that final window wrongly for long videos (it adds the overlap's length, not the last frame's);
+    here it is one frame, which is what its short videos do.
     """
     device = pipeline._execution_device
     transformer = pipeline.transformer
@@ -79,25 +86,34 @@ def denoise_segment(
 
     pipeline.scheduler.set_timesteps(steps, device=device)
     timesteps = pipeline.scheduler.timesteps
-    latents, window, prefix, prefix_frames = pipeline.prepare_latents(
-        1,
-        transformer.config.in_channels,
-        params.height,
-        params.width,
-        plan.num_frames,
-        torch.float32,
-        device,
-        generator,
-        None,
+    window_args = dict(
         video_latents=previous_latents,
         base_latent_num_frames=plan.window_latent_frames if long_video else None,
         causal_block_size=causal_block_size,
         overlap_history_latent_frames=plan.overlap_latent_frames if long_video else None,
         long_video_iter=segment.index if long_video else None,
     )
+    size = (params.height, params.width, plan.num_frames, torch.float32, device, generator)
+    end_latents = None
+    if first_frame is not None and segment.index == 0:
+        image_pipeline = SkyReelsV2DiffusionForcingImageToVideoPipeline.from_pipe(pipeline)
+        latents, window, condition, prefix_frames = image_pipeline.prepare_latents(
+            first_frame, 1, pipeline.vae.config.z_dim, *size, None, last_frame, **window_args
+        )
+        prefix = condition[: (condition.shape[0] + 1) // 2]
+        end_latents = condition[condition.shape[0] // 2 :] if last_frame is not None else None
+    else:
+        latents, window, prefix, prefix_frames = pipeline.prepare_latents(
+            1, transformer.config.in_channels, *size, None, **window_args
+        )
     assert window == segment.length, f"plan says {segment.length} latent frames, diffusers {window}"
     if prefix_frames > 0:
         latents[:, :, :prefix_frames] = prefix.to(transformer.dtype)
+    if segment.end_frame:
+        if end_latents is None:  # a long video: the last frame's latent, encoded now for the final window
+            end_latents = encode_frame(pipeline, last_frame, generator)
+        latents = torch.cat([latents, end_latents.to(transformer.dtype).to(latents.dtype)], dim=2)
+        window += segment.end_frame
 
     schedulers = []
     for _ in range(window):
@@ -107,6 +123,9 @@ def denoise_segment(
     step_matrix, _, update_masks, intervals = pipeline.generate_timestep_matrix(
         window, timesteps, window, params.ar_step, prefix_frames, causal_block_size
     )
+    if segment.end_frame:
+        step_matrix[:, -segment.end_frame :] = 0
+        update_masks[:, -segment.end_frame :] = False
     fps_embeds = [0 if params.fps == 16 else 1]
 
     for t, update_mask, (start, end) in zip(step_matrix, update_masks, intervals, strict=True):
@@ -129,7 +148,25 @@ def denoise_segment(
                 latents[:, :, index] = schedulers[index].step(
                     noise_pred[:, :, index - start], t[index], latents[:, :, index], return_dict=False
                 )[0]
-    return latents
+    return latents[:, :, : segment.length]
+
+
+@torch.no_grad()
+def encode_frame(pipeline: SkyReelsV2DiffusionForcingPipeline, frame: torch.Tensor, generator) -> torch.Tensor:
+    """One preprocessed image -> its normalised latent frame [1, C, 1, h, w], as the image pipeline encodes it."""
+    image_pipeline = SkyReelsV2DiffusionForcingImageToVideoPipeline.from_pipe(pipeline)
+    _, _, condition, _ = image_pipeline.prepare_latents(
+        frame,
+        1,
+        pipeline.vae.config.z_dim,
+        frame.shape[-2],
+        frame.shape[-1],
+        1,
+        torch.float32,
+        pipeline._execution_device,
+        None,
+    )
+    return condition
 
 
 def _predict(transformer, model_input, timestep, embeds, fps_embeds, branch: str) -> torch.Tensor:

@@ -25,12 +25,18 @@ class Segment:
     latent_start: int  # first latent frame of the window, overlap included
     latent_end: int  # one past its last latent frame
     overlap: int  # latent frames at the window's start that come from the previous window
+    end_frame: int  # 1 when a given last frame's latent rides at the window's end (flf2v, final segment)
     new_frames: int  # pixel frames this segment adds to the video
     iterations: int  # denoising iterations (rows of diffusers' timestep matrix)
 
     @property
     def length(self) -> int:
         return self.latent_end - self.latent_start
+
+    @property
+    def denoised_length(self) -> int:
+        """Latent frames in the window the transformer sees, a given last frame included."""
+        return self.length + self.end_frame
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,11 @@ def plan_video(
     guidance_scale: float,
     ar_step: int = 0,
     causal_block_size: int = 1,
+    first_frame: bool = False,
+    last_frame: bool = False,
 ) -> VideoPlan:
+    """`first_frame`: the first latent frame is a given image (i2v, flf2v), ready from the start. `last_frame`: a
+    given last image's latent frame rides at the end of the final window, frozen (flf2v)."""
     from skyreels_batch.diffusion_forcing import denoising_iterations
 
     total = latent_frames(num_frames)
@@ -81,19 +91,22 @@ def plan_video(
     for index in range(count):
         if index == 0:
             start, length, prefix = 0, base, 0
+            ready = int(first_frame)  # diffusers does not align the image's latent to causal blocks
         else:
             new_start = index * (base - overlap) + overlap
             start, length, prefix = new_start - overlap, min(total - new_start + overlap, base), overlap
+            ready = _aligned(prefix, causal_block_size)
+        end = int(last_frame and index == count - 1)
         iterations = denoising_iterations(
-            num_latent_frames=length,
+            num_latent_frames=length + end,
             num_inference_steps=num_inference_steps,
             ar_step=ar_step,
-            num_pre_ready=_aligned(prefix, causal_block_size),
+            num_pre_ready=ready,
             causal_block_size=causal_block_size,
         )
         new_latents = length - prefix
         new_frames = (new_latents - 1) * TEMPORAL_FACTOR + 1 if index == 0 else new_latents * TEMPORAL_FACTOR
-        segments.append(Segment(index, start, start + length, prefix, new_frames, iterations))
+        segments.append(Segment(index, start, start + length, prefix, end, new_frames, iterations))
     return VideoPlan(
         num_frames=num_frames,
         num_latent_frames=total,

@@ -16,6 +16,8 @@ from skyreels_batch.models import ModelCard
 from skyreels_batch.plan import TEMPORAL_FACTOR, VideoPlan, plan_video
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+Mode = Literal["t2v", "i2v", "flf2v"]
+CONDITIONING = {"t2v": (), "i2v": ("image",), "flf2v": ("image", "last_image")}
 MAX_SEED = 2**63 - 1
 # Height and width must be multiples of the VAE's spatial factor (8) times the transformer's patch (2).
 SPATIAL_MULTIPLE = 16
@@ -37,7 +39,13 @@ class ManifestRow(BaseModel):
     )
     prompt: str = Field(min_length=1, description="What the video shows.")
     negative_prompt: str | None = Field(default=None, description="What to steer away from (card default).")
-    mode: Literal["t2v"] | None = Field(default=None, description="Generation mode: `t2v` (text-to-video).")
+    mode: Mode | None = Field(
+        default=None,
+        description="`t2v` (text-to-video, default), `i2v` (`image` is the first frame), `flf2v` (`image` first, "
+        "`last_image` last).",
+    )
+    image: str | None = Field(default=None, description="First frame (i2v, flf2v): local path or fsspec URL.")
+    last_image: str | None = Field(default=None, description="Last frame (flf2v): local path or fsspec URL.")
     num_frames: int | None = Field(default=None, ge=1, description="Frames in the video, 4k+1 (card default).")
     height: int | None = Field(default=None, ge=SPATIAL_MULTIPLE, description="Pixels, a multiple of 16.")
     width: int | None = Field(default=None, ge=SPATIAL_MULTIPLE, description="Pixels, a multiple of 16.")
@@ -97,10 +105,12 @@ class RenderParams(BaseModel):
     id: str
     prompt: str
     negative_prompt: str
-    mode: Literal["t2v"]
+    mode: Mode
+    image: str | None
+    last_image: str | None
     num_frames: int
-    height: int
-    width: int
+    height: int | None  # None: follows the first frame, fitted to the model's area by the render actor
+    width: int | None
     fps: int
     seed: int
     num_inference_steps: int
@@ -148,14 +158,25 @@ def resolve(raw: dict[str, Any], card: ModelCard, *, max_frames: int) -> RenderP
         raise RowError(f"{label}: {problems}") from None
 
     defaults = card.defaults
+    mode = row.mode or "t2v"
+    for field in ("image", "last_image"):
+        if getattr(row, field) and field not in CONDITIONING[mode]:
+            raise RowError(f"{label}: {field}: not used by mode {mode!r}")
+        if field in CONDITIONING[mode] and not getattr(row, field):
+            raise RowError(f"{label}: {field}: required by mode {mode!r}")
+    if (row.height is None) != (row.width is None):
+        raise RowError(f"{label}: height/width: set both or neither")
+    sized_by_image = mode != "t2v" and row.height is None
     params = RenderParams(
         id=row.id,
         prompt=row.prompt,
         negative_prompt=defaults.negative_prompt if row.negative_prompt is None else row.negative_prompt,
-        mode=row.mode or "t2v",
+        mode=mode,
+        image=row.image,
+        last_image=row.last_image,
         num_frames=row.num_frames or defaults.num_frames,
-        height=row.height or defaults.height,
-        width=row.width or defaults.width,
+        height=row.height or (None if sized_by_image else defaults.height),
+        width=row.width or (None if sized_by_image else defaults.width),
         fps=row.fps or defaults.fps,
         seed=derive_seed(row.id) if row.seed is None else row.seed,
         num_inference_steps=row.num_inference_steps or defaults.num_inference_steps,
@@ -179,6 +200,8 @@ def _check_against_card(params: RenderParams, card: ModelCard, max_frames: int, 
 
     if params.mode not in card.modes:
         fail("mode", f"{params.mode!r} is not served by {card.name} ({card.family} family serves {card.modes})")
+    if card.family == "i2v":
+        fail("mode", f"I2V checkpoints ({card.name}) are not served yet; use a diffusion-forcing checkpoint")
     for field in ("num_frames", "base_num_frames", "overlap_history"):
         if getattr(params, field) % TEMPORAL_FACTOR != 1:
             fail(field, f"must be 4k+1 (e.g. 17, 97), got {getattr(params, field)}")
@@ -195,19 +218,24 @@ def _check_against_card(params: RenderParams, card: ModelCard, max_frames: int, 
             fail("overlap_history", f"must be below base_num_frames ({params.base_num_frames})")
     if (params.ar_step or params.causal_block_size > 1 or params.addnoise_condition) and card.family != "df":
         fail("ar_step", f"asynchronous and long-video options need a diffusion-forcing model, not {card.name}")
-    for field in ("height", "width"):
-        if getattr(params, field) % SPATIAL_MULTIPLE:
-            fail(field, f"must be a multiple of {SPATIAL_MULTIPLE}, got {getattr(params, field)}")
     plan = plan_for(params)
-    uneven = [segment.length for segment in plan.segments if segment.length % params.causal_block_size]
+    uneven = [s.denoised_length for s in plan.segments if s.denoised_length % params.causal_block_size]
     if uneven:
         fail("causal_block_size", f"{params.causal_block_size} does not divide the windows' latent frames {uneven}")
+    if params.height is not None:
+        check_size(params.height, params.width, card, label)
+
+
+def check_size(height: int, width: int, card: ModelCard, label: str) -> None:
+    """Height and width against the spatial multiple and the model's maximum (both orientations)."""
+    for field, value in (("height", height), ("width", width)):
+        if value % SPATIAL_MULTIPLE:
+            raise RowError(f"{label}: {field}: must be a multiple of {SPATIAL_MULTIPLE}, got {value}")
     longest, area = max(card.max_height, card.max_width), card.max_height * card.max_width
-    if max(params.height, params.width) > longest or params.height * params.width > area:
-        fail(
-            "height/width",
-            f"{params.height}x{params.width} is above {card.name}'s maximum of {card.max_height}x{card.max_width} "
-            "(either orientation)",
+    if max(height, width) > longest or height * width > area:
+        raise RowError(
+            f"{label}: height/width: {height}x{width} is above {card.name}'s maximum of "
+            f"{card.max_height}x{card.max_width} (either orientation)"
         )
 
 
@@ -220,4 +248,6 @@ def plan_for(params: RenderParams) -> VideoPlan:
         guidance_scale=params.guidance_scale,
         ar_step=params.ar_step,
         causal_block_size=params.causal_block_size,
+        first_frame=params.image is not None,
+        last_frame=params.last_image is not None,
     )

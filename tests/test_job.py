@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from skyreels_batch.cli import main
 from skyreels_batch.config import JobConfig
@@ -87,16 +89,20 @@ def test_rerunning_gives_bit_identical_videos_and_still_one_row_per_id(local_run
 
 
 def test_job_reads_the_manifest_from_and_writes_everything_to_s3(ray_local: None, tmp_path: Path) -> None:
-    local_manifest = write_manifest(tmp_path / "manifest.parquet", GOOD[:2] + BAD[:1])
     fs = fsspec.filesystem("s3")
+    image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    with fs.open(f"{BUCKET}/inputs/first.png", "wb") as remote:
+        Image.fromarray(image).save(remote, format="PNG")
+    from_image = {**GOOD[0], "id": "from-image", "mode": "i2v", "image": f"s3://{BUCKET}/inputs/first.png"}
+    local_manifest = write_manifest(tmp_path / "manifest.parquet", GOOD[:2] + BAD[:1] + [from_image])
     fs.put_file(str(local_manifest), f"{BUCKET}/manifests/m.parquet")
     output = f"s3://{BUCKET}/job-s3"
     summary = run_job(JobConfig(manifest=f"s3://{BUCKET}/manifests/m.parquet", output=output), log=lambda _: None)
-    assert (summary.done, summary.failed) == (2, 1)
-    for video_id in ("alpha", "beta"):
+    assert (summary.done, summary.failed) == (3, 1)
+    for video_id in ("alpha", "beta", "from-image"):
         with fs.open(f"{BUCKET}/job-s3/videos/{video_id}.mp4", "rb") as remote:
             frames, rate = decode(remote)
-        num_frames, height, width, fps = EXPECTED[video_id]
+        num_frames, height, width, fps = EXPECTED["alpha" if video_id == "from-image" else video_id]
         assert frames.shape == (num_frames, height, width, 3) and rate == fps
     assert not fs.exists(f"{BUCKET}/job-s3/_segments/alpha")
     results = pd.read_parquet(f"{output}/results").set_index("id")

@@ -8,9 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
+from diffusers import SkyReelsV2DiffusionForcingImageToVideoPipeline, SkyReelsV2Pipeline, UniPCMultistepScheduler
+from PIL import Image
+from safetensors.torch import load_file
 
 from skyreels_batch.embedded import materialize
+from skyreels_batch.inputs import center_crop_resize
 from skyreels_batch.models import ModelCard, card_for
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.render import RenderVideos
@@ -87,3 +90,123 @@ def test_a_sync_row_after_an_async_row_renders_exactly_as_it_does_alone(df_stage
     assert not np.array_equal(async_frames, alone)  # the async mode really ran
     np.testing.assert_array_equal(after, alone)
     assert df_stage.pipeline.transformer.config.num_frame_per_block == 1
+
+
+def noise_image(path: Path, seed: int, size: tuple[int, int] = (48, 32)) -> str:
+    """A PNG of random pixels (width x height); different seeds give different images."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("images")
+    return {
+        "first": noise_image(folder / "first.png", 1),
+        "other": noise_image(folder / "other.png", 2),
+        "last": noise_image(folder / "last.png", 3, size=(64, 64)),
+        "wide": noise_image(folder / "wide.png", 4, size=(200, 100)),
+    }
+
+
+def diffusers_image_to_video(stage: RenderVideos, row: dict, **extra) -> torch.Tensor | np.ndarray:
+    """diffusers' own SkyReelsV2DiffusionForcingImageToVideoPipeline, sharing the actor's loaded components."""
+    pipe = SkyReelsV2DiffusionForcingImageToVideoPipeline.from_pipe(stage.pipeline)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=row["shift"])
+    kwargs = {k: row[k] for k in ("prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale")}
+    return pipe(
+        **kwargs,
+        **extra,
+        negative_prompt="",
+        generator=torch.Generator("cpu").manual_seed(row["seed"]),
+    ).frames
+
+
+def test_i2v_renders_exactly_what_diffusers_image_to_video_returns(df_stage, images) -> None:
+    row = {**ROW, "id": "i2v", "mode": "i2v", "image": images["first"]}
+    frames = render(df_stage, card_for("tiny-df"), row)
+    expected = diffusers_image_to_video(df_stage, row, image=Image.open(images["first"]).convert("RGB"))[0]
+    np.testing.assert_array_equal(frames, to_uint8(expected))
+
+
+def test_flf2v_renders_exactly_what_diffusers_returns_with_a_last_image(df_stage, images) -> None:
+    row = {**ROW, "id": "flf2v", "mode": "flf2v", "image": images["first"], "last_image": images["last"]}
+    frames = render(df_stage, card_for("tiny-df"), row)
+    last = center_crop_resize(Image.open(images["last"]).convert("RGB"), 32, 48)
+    expected = diffusers_image_to_video(
+        df_stage, row, image=Image.open(images["first"]).convert("RGB"), last_image=last
+    )[0]
+    assert frames.shape == (9, 32, 48, 3)
+    np.testing.assert_array_equal(frames, to_uint8(expected))
+
+
+def test_long_i2v_chains_segments_with_diffusers_latents(df_stage, images, tmp_path: Path) -> None:
+    # 77 frames in 37-frame windows with 17 of overlap: three full windows, where diffusers' long i2v is sound.
+    row = {
+        **ROW,
+        "id": "long-i2v",
+        "mode": "i2v",
+        "image": images["first"],
+        "num_frames": 77,
+        "base_num_frames": 37,
+        "overlap_history": 17,
+    }
+    SegmentStore(df_stage.output, row["id"]).remove()
+    validated = ValidateRows(card_for("tiny-df"), max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([row]))
+    writer = WriteVideos(output=df_stage.output, crf=0, lossless=True, save_latents=True)
+    result = writer(df_stage(validated)).to_pylist()[0]
+    assert result["error"] is None and result["num_segments"] == 3
+    expected = diffusers_image_to_video(
+        df_stage,
+        row,
+        image=Image.open(images["first"]).convert("RGB"),
+        base_num_frames=37,
+        overlap_history=17,
+        output_type="latent",
+    )
+    torch.testing.assert_close(load_file(result["latents_uri"])["latents"], expected, rtol=1e-5, atol=1e-5)
+    assert decode(result["uri"])[0].shape == (77, 32, 48, 3)
+
+
+def test_conditioning_is_real(df_stage, images) -> None:
+    card = card_for("tiny-df")
+    one = render(df_stage, card, {**ROW, "id": "a", "mode": "i2v", "image": images["first"]})
+    again = render(df_stage, card, {**ROW, "id": "b", "mode": "i2v", "image": images["first"]})
+    other = render(df_stage, card, {**ROW, "id": "c", "mode": "i2v", "image": images["other"]})
+    np.testing.assert_array_equal(one, again)
+    assert not np.array_equal(one, other)
+    long_flf = {
+        **ROW,
+        "mode": "flf2v",
+        "image": images["first"],
+        "num_frames": 57,
+        "base_num_frames": 37,
+        "overlap_history": 17,
+    }
+    with_last = render(df_stage, card, {**long_flf, "id": "d", "last_image": images["last"]})
+    with_other_last = render(df_stage, card, {**long_flf, "id": "e", "last_image": images["other"]})
+    assert with_last.shape == (57, 32, 48, 3)
+    np.testing.assert_array_equal(with_last[:37], with_other_last[:37])  # the last frame steers only the end
+    assert not np.array_equal(with_last[37:], with_other_last[37:])
+
+
+def test_size_follows_the_image_fitted_to_the_models_area(df_stage, images) -> None:
+    card = card_for("tiny-df")
+    row = {k: v for k, v in ROW.items() if k not in ("height", "width")}
+    frames = render(df_stage, card, {**row, "id": "wide", "mode": "i2v", "image": images["wide"]})
+    # 2:1 into tiny-df's 64x96 area at multiples of 16: sqrt(6144 / 2) = 55 -> 48 high, sqrt(6144 * 2) = 111 -> 96.
+    assert frames.shape == (9, 48, 96, 3)
+
+
+def test_an_unreachable_image_is_a_per_row_error_naming_the_field(df_stage, tmp_path: Path) -> None:
+    card = card_for("tiny-df")
+    rows = [
+        {**ROW, "id": "missing", "mode": "i2v", "image": str(tmp_path / "nope.png")},
+        {**ROW, "id": "corrupt", "mode": "i2v", "image": str(tmp_path / "junk.png")},
+    ]
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    validated = ValidateRows(card, max_frames=1457, duplicate_ids=())(pa.Table.from_pylist(rows))
+    missing, corrupt = df_stage(validated).to_pylist()
+    assert missing["error"].startswith("row 'missing': image: cannot fetch")
+    assert corrupt["error"].startswith("row 'corrupt': image:") and "not a readable image" in corrupt["error"]

@@ -54,7 +54,11 @@ def test_derived_seed_is_stable_across_releases() -> None:
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"guidance_scale": 99.0}, "guidance_scale"),
-        ({"mode": "i2v"}, "mode"),
+        ({"mode": "v2v"}, "mode"),
+        ({"mode": "i2v"}, "image"),
+        ({"mode": "flf2v", "image": "first.png"}, "last_image"),
+        ({"image": "first.png"}, "image"),  # t2v takes no image
+        ({"mode": "i2v", "image": "first.png", "height": 64}, "height/width"),
         ({"seed": -3}, "seed"),
         ({"num_frames": "many"}, "num_frames"),
         ({"prompt": ""}, "prompt"),
@@ -96,6 +100,18 @@ def test_long_video_columns_resolve_with_defaults_and_overrides() -> None:
     )
     assert [travel.prompt_for(k) for k in range(4)] == ["dawn", "noon", "noon", "noon"]
     assert (travel.addnoise_condition, travel.ar_step, travel.causal_block_size) == (20.0, 5, 5)
+
+
+def test_image_modes_take_their_size_from_the_image_unless_the_row_sets_it() -> None:
+    fitted = resolve_row(mode="i2v", image="s3://bucket/first.png")
+    assert (fitted.height, fitted.width, fitted.image) == (None, None, "s3://bucket/first.png")
+    fixed = resolve_row(mode="flf2v", image="a.png", last_image="b.png", height=32, width=48)
+    assert (fixed.height, fixed.width, fixed.last_image) == (32, 48, "b.png")
+
+
+def test_modes_a_model_cannot_serve_are_per_row_errors() -> None:
+    with pytest.raises(RowError, match="mode: 'i2v' is not served by tiny-t2v"):
+        resolve({"id": "v1", "prompt": "p", "mode": "i2v", "image": "a.png"}, card_for("tiny-t2v"), max_frames=97)
 
 
 def test_long_videos_need_a_diffusion_forcing_model() -> None:

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from skyreels_batch.inputs import InputError
 from skyreels_batch.schema import RenderParams
 
 # The columns between stages: small metadata only. Frames and latents travel through storage (`_segments/`),
@@ -59,6 +60,8 @@ class RowStage:
         params = RenderParams.model_validate_json(row["params"])
         try:
             return {**row, **self.process(params, row)}
+        except InputError as error:  # the row's own input is bad: say which column, not a stack of types
+            return {**row, "error": f"row {params.id!r}: {error}"}
         except Exception as error:  # noqa: BLE001 - a failed row is data; the job goes on
             return {**row, "error": f"row {params.id!r}: {self.failure}: {describe_error(error)}"}
 

@@ -9,10 +9,11 @@ import torch
 from ray.actor import ActorHandle
 
 from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment, encode_prompts
+from skyreels_batch.inputs import center_crop_resize, fetch_image, fit_to_area
 from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import load_pipeline, pipeline_kwargs, use_shift
 from skyreels_batch.plan import Segment, VideoPlan
-from skyreels_batch.schema import RenderParams, plan_for
+from skyreels_batch.schema import SPATIAL_MULTIPLE, RenderParams, check_size, plan_for
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import RENDERED, RowStage
 from skyreels_batch.video import to_uint8
@@ -41,6 +42,7 @@ class RenderVideos(RowStage):
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
+        params, conditioning = self._conditioning(params)
         plan = plan_for(params)
         store = SegmentStore(self.output, params.id)
         resumed = store.open(params)
@@ -61,13 +63,14 @@ class RenderVideos(RowStage):
                 embeddings[prompt] = encode_prompts(
                     self.pipeline, prompt, params.negative_prompt, params.guidance_scale
                 )
-            window = self._denoise(params, plan, segment, previous, generator, embeddings[prompt])
+            window = self._denoise(params, plan, segment, previous, generator, embeddings[prompt], conditioning)
             frames = to_uint8(decoder.decode(window[:, :, segment.overlap :]))
             store.save(segment.index, frames, window, generator.get_state())
             if self.progress is not None:
                 self.progress.add.remote()
             previous = window
         return {
+            "params": params.model_dump_json(),
             "num_segments": len(plan.segments),
             "resumed_segments": resumed,
             "render_s": time.perf_counter() - started,
@@ -81,6 +84,7 @@ class RenderVideos(RowStage):
         previous: torch.Tensor | None,
         generator: torch.Generator,
         embeddings: tuple,
+        conditioning: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         if self.card.family != "df":
             # Plain T2V checkpoints render one window; their pipeline call is the whole segment.
@@ -96,4 +100,29 @@ class RenderVideos(RowStage):
             negative_prompt_embeds=negative_prompt_embeds,
             generator=generator,
             params=params,
+            first_frame=conditioning.get("image"),
+            last_frame=conditioning.get("last_image"),
         )
+
+    def _conditioning(self, params: RenderParams) -> tuple[RenderParams, dict[str, torch.Tensor]]:
+        """Fetch the row's images; fit the first to the model's area unless the row sets the size, and the last
+        to the first's size. Returns the params with the size resolved and the preprocessed frames."""
+        if params.image is None:
+            return params, {}
+        first = fetch_image(params.image, "image")
+        if params.height is None:
+            defaults = self.card.defaults
+            first, height, width = fit_to_area(first, defaults.height * defaults.width, SPATIAL_MULTIPLE)
+            params = params.model_copy(update={"height": height, "width": width})
+        check_size(params.height, params.width, self.card, f"row {params.id!r}")
+        images = {"image": first}
+        if params.last_image is not None:
+            images["last_image"] = center_crop_resize(
+                fetch_image(params.last_image, "last_image"), params.height, params.width
+            )
+        device = self.pipeline._execution_device
+        processor = self.pipeline.video_processor
+        return params, {
+            name: processor.preprocess(image, height=params.height, width=params.width).to(device, torch.float32)
+            for name, image in images.items()
+        }

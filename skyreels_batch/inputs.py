@@ -1,0 +1,44 @@
+"""Conditioning inputs: images fetched by the worker from a local path or fsspec URL, fitted as SkyReels does."""
+
+from __future__ import annotations
+
+import io
+import math
+
+from PIL import Image, UnidentifiedImageError
+
+from skyreels_batch import storage
+
+
+class InputError(ValueError):
+    """An input a row names cannot be fetched or read."""
+
+
+def fetch_image(uri: str, field: str) -> Image.Image:
+    """The image at `uri`; InputError naming `field` (the manifest column) when it cannot be had."""
+    try:
+        data = storage.read_bytes(storage.normalize(uri))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{field}: cannot fetch {uri!r}: {type(error).__name__}: {error}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"{field}: {uri!r} is not a readable image: {error}") from None
+
+
+def fit_to_area(image: Image.Image, area: int, multiple: int) -> tuple[Image.Image, int, int]:
+    """Keep the aspect ratio, fill `area` pixels, round both sides down to `multiple` (the SkyReels-V2 docs'
+    aspect_ratio_resize)."""
+    ratio = image.height / image.width
+    height = max(multiple, round(math.sqrt(area * ratio)) // multiple * multiple)
+    width = max(multiple, round(math.sqrt(area / ratio)) // multiple * multiple)
+    return image.resize((width, height), Image.Resampling.LANCZOS), height, width
+
+
+def center_crop_resize(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale to cover height x width, then crop the centre: a last frame matched to the first frame's size."""
+    scale = max(width / image.width, height / image.height)
+    scaled = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
+    return scaled.crop((left, top, left + width, top + height))
