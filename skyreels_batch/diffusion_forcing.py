@@ -20,7 +20,11 @@ from copy import deepcopy
 
 import numpy as np
 import torch
-from diffusers import SkyReelsV2DiffusionForcingImageToVideoPipeline, SkyReelsV2DiffusionForcingPipeline
+from diffusers import (
+    SkyReelsV2DiffusionForcingImageToVideoPipeline,
+    SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2DiffusionForcingVideoToVideoPipeline,
+)
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -68,6 +72,7 @@ def denoise_segment(
     params: RenderParams,
     first_frame: torch.Tensor | None = None,
     last_frame: torch.Tensor | None = None,
+    clip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The latents of one window [1, C, window, h, w], float32, exactly as diffusers' loop computes them.
 
@@ -76,13 +81,15 @@ def denoise_segment(
     `SkyReelsV2DiffusionForcingImageToVideoPipeline` does: the first becomes the first window's ready first latent
     frame; the last rides, frozen, at the end of the final window and is not part of the returned latents.
     diffusers sizes that final window wrongly for long videos (it adds the overlap's length, not the last frame's);
-    here it is one frame, which is what its short videos do.
+    here it is one frame, which is what its short videos do. `clip` (v2v, a preprocessed video) gives the first
+    window its overlap: the latents of the clip's last `overlap_history` frames, as
+    `SkyReelsV2DiffusionForcingVideoToVideoPipeline` encodes them.
     """
     device = pipeline._execution_device
     transformer = pipeline.transformer
     steps, causal_block_size, addnoise = params.num_inference_steps, params.causal_block_size, params.addnoise_condition
     transformer._set_ar_attention(causal_block_size)
-    long_video = len(plan.segments) > 1
+    long_video = plan.chained
 
     pipeline.scheduler.set_timesteps(steps, device=device)
     timesteps = pipeline.scheduler.timesteps
@@ -93,9 +100,15 @@ def denoise_segment(
         overlap_history_latent_frames=plan.overlap_latent_frames if long_video else None,
         long_video_iter=segment.index if long_video else None,
     )
-    size = (params.height, params.width, plan.num_frames, torch.float32, device, generator)
+    size = (params.height, params.width, plan.model_num_frames, torch.float32, device, generator)
     end_latents = None
-    if first_frame is not None and segment.index == 0:
+    if clip is not None and segment.index == 0:
+        video_pipeline = SkyReelsV2DiffusionForcingVideoToVideoPipeline.from_pipe(pipeline)
+        window_args["overlap_history"] = params.overlap_history
+        latents, window, prefix, prefix_frames = video_pipeline.prepare_latents(
+            clip, 1, transformer.config.in_channels, *size, None, **window_args
+        )
+    elif first_frame is not None and segment.index == 0:
         image_pipeline = SkyReelsV2DiffusionForcingImageToVideoPipeline.from_pipe(pipeline)
         latents, window, condition, prefix_frames = image_pipeline.prepare_latents(
             first_frame, 1, pipeline.vae.config.z_dim, *size, None, last_frame, **window_args

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import av
 from PIL import Image, UnidentifiedImageError
 
 from skyreels_batch import storage
@@ -25,6 +26,22 @@ def fetch_image(uri: str, field: str) -> Image.Image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise InputError(f"{field}: {uri!r} is not a readable image: {error}") from None
+
+
+def fetch_video(uri: str, field: str = "video") -> list[Image.Image]:
+    """Every frame of the clip at `uri`, as RGB images; InputError naming `field` when it cannot be had."""
+    try:
+        data = storage.read_bytes(storage.normalize(uri))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{field}: cannot fetch {uri!r}: {type(error).__name__}: {error}") from None
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            frames = [frame.to_image() for frame in container.decode(video=0)]
+    except (av.FFmpegError, IndexError, ValueError) as error:
+        raise InputError(f"{field}: {uri!r} is not a readable video: {error}") from None
+    if not frames:
+        raise InputError(f"{field}: {uri!r} has no frames")
+    return frames
 
 
 def fit_to_area(image: Image.Image, area: int, multiple: int) -> tuple[Image.Image, int, int]:

@@ -41,12 +41,23 @@ class Segment:
 
 @dataclass(frozen=True)
 class VideoPlan:
-    num_frames: int
-    num_latent_frames: int
+    num_frames: int  # frames the video adds (for v2v, after the clip it continues)
+    continues_clip: bool
+    num_latent_frames: int  # the latent timeline, a continued clip's overlap included
     window_latent_frames: int  # diffusers' base latent frames for this video
     overlap_latent_frames: int
     segments: tuple[Segment, ...]
     cost: int  # transformer forward passes, classifier-free guidance counted twice
+
+    @property
+    def chained(self) -> bool:
+        """Whether diffusers would run this as its long-video loop (windows continuing from an overlap)."""
+        return len(self.segments) > 1 or self.continues_clip
+
+    @property
+    def model_num_frames(self) -> int:
+        """The `num_frames` diffusers' arithmetic is given: the whole latent timeline in pixel frames."""
+        return (self.num_latent_frames - 1) * TEMPORAL_FACTOR + 1
 
     def as_json(self, video_id: str) -> dict:
         return {
@@ -71,13 +82,20 @@ def plan_video(
     causal_block_size: int = 1,
     first_frame: bool = False,
     last_frame: bool = False,
+    continues_clip: bool = False,
 ) -> VideoPlan:
     """`first_frame`: the first latent frame is a given image (i2v, flf2v), ready from the start. `last_frame`: a
-    given last image's latent frame rides at the end of the final window, frozen (flf2v)."""
+    given last image's latent frame rides at the end of the final window, frozen (flf2v). `continues_clip` (v2v):
+    the video continues a given clip; `num_frames` counts the new frames (a multiple of 4) and the first window
+    starts with the clip's last `overlap_history` frames as latents, as diffusers' video-to-video does."""
     from skyreels_batch.diffusion_forcing import denoising_iterations
 
-    total = latent_frames(num_frames)
-    long_video = overlap_history is not None and num_frames > base_num_frames
+    if continues_clip:
+        overlap = latent_frames(overlap_history)
+        total = overlap + num_frames // TEMPORAL_FACTOR
+    else:
+        total = latent_frames(num_frames)
+    long_video = overlap_history is not None and (num_frames > base_num_frames or continues_clip)
     if long_video:
         base, overlap = latent_frames(base_num_frames), latent_frames(overlap_history)
         if overlap >= base:
@@ -89,7 +107,7 @@ def plan_video(
 
     segments = []
     for index in range(count):
-        if index == 0:
+        if index == 0 and not continues_clip:
             start, length, prefix = 0, base, 0
             ready = int(first_frame)  # diffusers does not align the image's latent to causal blocks
         else:
@@ -105,10 +123,11 @@ def plan_video(
             causal_block_size=causal_block_size,
         )
         new_latents = length - prefix
-        new_frames = (new_latents - 1) * TEMPORAL_FACTOR + 1 if index == 0 else new_latents * TEMPORAL_FACTOR
+        new_frames = new_latents * TEMPORAL_FACTOR if prefix else (new_latents - 1) * TEMPORAL_FACTOR + 1
         segments.append(Segment(index, start, start + length, prefix, end, new_frames, iterations))
     return VideoPlan(
         num_frames=num_frames,
+        continues_clip=continues_clip,
         num_latent_frames=total,
         window_latent_frames=base,
         overlap_latent_frames=overlap,

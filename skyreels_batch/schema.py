@@ -16,8 +16,8 @@ from skyreels_batch.models import ModelCard
 from skyreels_batch.plan import TEMPORAL_FACTOR, VideoPlan, plan_video
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
-Mode = Literal["t2v", "i2v", "flf2v"]
-CONDITIONING = {"t2v": (), "i2v": ("image",), "flf2v": ("image", "last_image")}
+Mode = Literal["t2v", "i2v", "flf2v", "v2v"]
+CONDITIONING = {"t2v": (), "i2v": ("image",), "flf2v": ("image", "last_image"), "v2v": ("video",)}
 MAX_SEED = 2**63 - 1
 # Height and width must be multiples of the VAE's spatial factor (8) times the transformer's patch (2).
 SPATIAL_MULTIPLE = 16
@@ -42,10 +42,11 @@ class ManifestRow(BaseModel):
     mode: Mode | None = Field(
         default=None,
         description="`t2v` (text-to-video, default), `i2v` (`image` is the first frame), `flf2v` (`image` first, "
-        "`last_image` last).",
+        "`last_image` last), `v2v` (continue the clip `video`).",
     )
     image: str | None = Field(default=None, description="First frame (i2v, flf2v): local path or fsspec URL.")
     last_image: str | None = Field(default=None, description="Last frame (flf2v): local path or fsspec URL.")
+    video: str | None = Field(default=None, description="Clip to extend (v2v): an MP4 at a local path or fsspec URL.")
     num_frames: int | None = Field(default=None, ge=1, description="Frames in the video, 4k+1 (card default).")
     height: int | None = Field(default=None, ge=SPATIAL_MULTIPLE, description="Pixels, a multiple of 16.")
     width: int | None = Field(default=None, ge=SPATIAL_MULTIPLE, description="Pixels, a multiple of 16.")
@@ -108,7 +109,8 @@ class RenderParams(BaseModel):
     mode: Mode
     image: str | None
     last_image: str | None
-    num_frames: int
+    video: str | None
+    num_frames: int  # for v2v: the frames added after the clip
     height: int | None  # None: follows the first frame, fitted to the model's area by the render actor
     width: int | None
     fps: int
@@ -159,14 +161,14 @@ def resolve(raw: dict[str, Any], card: ModelCard, *, max_frames: int) -> RenderP
 
     defaults = card.defaults
     mode = row.mode or "t2v"
-    for field in ("image", "last_image"):
+    for field in ("image", "last_image", "video"):
         if getattr(row, field) and field not in CONDITIONING[mode]:
             raise RowError(f"{label}: {field}: not used by mode {mode!r}")
         if field in CONDITIONING[mode] and not getattr(row, field):
             raise RowError(f"{label}: {field}: required by mode {mode!r}")
     if (row.height is None) != (row.width is None):
         raise RowError(f"{label}: height/width: set both or neither")
-    sized_by_image = mode != "t2v" and row.height is None
+    sized_by_image = mode != "t2v" and row.height is None  # the image's or the clip's size, fitted
     params = RenderParams(
         id=row.id,
         prompt=row.prompt,
@@ -174,7 +176,9 @@ def resolve(raw: dict[str, Any], card: ModelCard, *, max_frames: int) -> RenderP
         mode=mode,
         image=row.image,
         last_image=row.last_image,
-        num_frames=row.num_frames or defaults.num_frames,
+        video=row.video,
+        # v2v adds frames in whole latent frames (4 each): a window's worth by default.
+        num_frames=row.num_frames or (defaults.num_frames - 1 if mode == "v2v" else defaults.num_frames),
         height=row.height or (None if sized_by_image else defaults.height),
         width=row.width or (None if sized_by_image else defaults.width),
         fps=row.fps or defaults.fps,
@@ -203,13 +207,18 @@ def _check_against_card(params: RenderParams, card: ModelCard, max_frames: int, 
     if card.family == "i2v":
         fail("mode", f"I2V checkpoints ({card.name}) are not served yet; use a diffusion-forcing checkpoint")
     for field in ("num_frames", "base_num_frames", "overlap_history"):
-        if getattr(params, field) % TEMPORAL_FACTOR != 1:
+        if field == "num_frames" and params.mode == "v2v":
+            if params.num_frames % TEMPORAL_FACTOR:
+                fail(field, f"v2v adds frames 4 at a time: a multiple of 4 (e.g. 16, 96), got {params.num_frames}")
+        elif getattr(params, field) % TEMPORAL_FACTOR != 1:
             fail(field, f"must be 4k+1 (e.g. 17, 97), got {getattr(params, field)}")
     if params.num_frames > max_frames:
         fail("num_frames", f"{params.num_frames} is above --max-frames {max_frames}")
     if params.base_num_frames > card.defaults.base_num_frames:
         window = card.defaults.base_num_frames
         fail("base_num_frames", f"{params.base_num_frames} is above {card.name}'s window of {window}")
+    if params.mode == "v2v" and params.overlap_history >= params.base_num_frames:
+        fail("overlap_history", f"must be below base_num_frames ({params.base_num_frames})")
     if params.num_frames > params.base_num_frames:
         if card.family != "df":
             limit = params.base_num_frames
@@ -250,4 +259,5 @@ def plan_for(params: RenderParams) -> VideoPlan:
         causal_block_size=params.causal_block_size,
         first_frame=params.image is not None,
         last_frame=params.last_image is not None,
+        continues_clip=params.mode == "v2v",
     )

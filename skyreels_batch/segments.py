@@ -1,9 +1,10 @@
 """A video in flight: its finished segments, persisted under `<output>/_segments/<id>/`.
 
-Per segment k: `<k>.npy` (the uint8 frames it adds) then `<k>.safetensors` (its window's latents and the random
-generator's state after it). The latents file is written last and marks the segment done, so a crash costs at
-most the segment in flight. `params.json` records what the segments were rendered for: segments of a row whose
-parameters have since changed are discarded, never mixed in.
+Per segment k: `<k>.npy` (the uint8 frames it adds) then `<k>.safetensors` (its window's latents and the
+random generator's state after it). The latents file is written last and marks the segment done, so a crash
+costs at most the segment in flight. A v2v video's clip is `clip.npy`, its first frames. `params.json` records
+what the segments were rendered for: segments of a row whose parameters have since changed are discarded,
+never mixed in.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from skyreels_batch.schema import RenderParams
 class SegmentStore:
     def __init__(self, output: str, video_id: str) -> None:
         self.root = storage.join(output, "_segments", video_id)
+
+    @property
+    def clip_uri(self) -> str:
+        return storage.join(self.root, "clip.npy")
 
     def frames_uri(self, index: int) -> str:
         return storage.join(self.root, f"{index:05d}.npy")
@@ -51,6 +56,12 @@ class SegmentStore:
         state = {"window": window.detach().to("cpu", torch.float32).contiguous(), "generator_state": generator_state}
         storage.write_bytes_atomic(self.state_uri(index), save_tensors(state))
 
+    def save_clip(self, frames: np.ndarray) -> None:
+        """The clip a v2v video continues: the video's first frames, written before any segment."""
+        buffer = io.BytesIO()
+        np.save(buffer, frames, allow_pickle=False)
+        storage.write_bytes_atomic(self.clip_uri, buffer.getvalue())
+
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A finished segment's window latents and the generator state after it."""
         state = load_tensors(storage.read_bytes(self.state_uri(index)))
@@ -60,10 +71,11 @@ class SegmentStore:
         for index in range(count):
             yield self.load(index)[0]
 
-    def frames(self, count: int) -> Iterator[np.ndarray]:
-        """The video's frames in order, one segment in memory at a time."""
-        for index in range(count):
-            yield from np.load(io.BytesIO(storage.read_bytes(self.frames_uri(index))), allow_pickle=False)
+    def frames(self, count: int, *, with_clip: bool = False) -> Iterator[np.ndarray]:
+        """The video's frames in order (a continued clip first), one segment in memory at a time."""
+        uris = ([self.clip_uri] if with_clip else []) + [self.frames_uri(index) for index in range(count)]
+        for uri in uris:
+            yield from np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
 
     def remove(self) -> None:
         storage.remove_tree(self.root)

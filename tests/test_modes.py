@@ -8,7 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from diffusers import SkyReelsV2DiffusionForcingImageToVideoPipeline, SkyReelsV2Pipeline, UniPCMultistepScheduler
+from diffusers import (
+    SkyReelsV2DiffusionForcingImageToVideoPipeline,
+    SkyReelsV2DiffusionForcingVideoToVideoPipeline,
+    SkyReelsV2Pipeline,
+    UniPCMultistepScheduler,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -19,7 +24,7 @@ from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
-from skyreels_batch.video import to_uint8
+from skyreels_batch.video import encode_mp4, to_uint8
 from tests.conftest import decode
 
 ROW = {
@@ -210,3 +215,61 @@ def test_an_unreachable_image_is_a_per_row_error_naming_the_field(df_stage, tmp_
     missing, corrupt = df_stage(validated).to_pylist()
     assert missing["error"].startswith("row 'missing': image: cannot fetch")
     assert corrupt["error"].startswith("row 'corrupt': image:") and "not a readable image" in corrupt["error"]
+
+
+def write_clip(path: Path, seed: int, frames: int = 21) -> str:
+    """A lossless RGB MP4 of random frames (32x48): decoding it gives back exactly these pixels."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (frames, 32, 48, 3), dtype=np.uint8)
+    path.write_bytes(encode_mp4(iter(pixels), fps=24, crf=0, lossless=True))
+    return str(path)
+
+
+V2V = {**ROW, "mode": "v2v", "num_frames": 40, "base_num_frames": 37, "overlap_history": 17}
+
+
+def test_v2v_is_the_clip_then_exactly_the_new_frames_diffusers_makes(df_stage, tmp_path: Path) -> None:
+    clip_uri = write_clip(tmp_path / "clip.mp4", 5)
+    clip = decode(clip_uri)[0]
+    row = {**V2V, "id": "v2v", "video": clip_uri}
+    SegmentStore(df_stage.output, row["id"]).remove()
+    validated = ValidateRows(card_for("tiny-df"), max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([row]))
+    writer = WriteVideos(output=df_stage.output, crf=0, lossless=True, save_latents=True)
+    result = writer(df_stage(validated)).to_pylist()[0]
+    assert result["error"] is None, result["error"]
+    frames = decode(result["uri"])[0]
+    assert frames.shape == (21 + 40, 32, 48, 3)  # nothing repeated
+    np.testing.assert_array_equal(frames[:21], clip)  # begins with the input clip, untouched
+
+    pipe = SkyReelsV2DiffusionForcingVideoToVideoPipeline.from_pipe(df_stage.pipeline)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=row["shift"])
+    call = dict(
+        video=[Image.fromarray(frame) for frame in clip],
+        prompt=row["prompt"],
+        negative_prompt="",
+        height=32,
+        width=48,
+        num_frames=57,
+        base_num_frames=37,
+        overlap_history=17,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+    )
+    latents = pipe(**call, generator=torch.Generator("cpu").manual_seed(21), output_type="latent").frames
+    video = pipe(**call, generator=torch.Generator("cpu").manual_seed(21)).frames[0]
+    # diffusers returns the clip, then its decode of [overlap latents + new latents]: the overlap twice.
+    overlap_frames = (5 - 1) * 4 + 1
+    np.testing.assert_array_equal(frames[21:], to_uint8(video[21 + overlap_frames :]))
+    torch.testing.assert_close(load_file(result["latents_uri"])["latents"], latents[:, :, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_v2v_conditioning_is_real_and_bad_clips_fail_their_row(df_stage, tmp_path: Path) -> None:
+    card = card_for("tiny-df")
+    one = render(df_stage, card, {**V2V, "id": "v-a", "video": write_clip(tmp_path / "a.mp4", 5)})
+    other = render(df_stage, card, {**V2V, "id": "v-b", "video": write_clip(tmp_path / "b.mp4", 6)})
+    assert not np.array_equal(one[21:], other[21:])
+
+    short = {**V2V, "id": "short-clip", "video": write_clip(tmp_path / "short.mp4", 7, frames=9)}
+    validated = ValidateRows(card, max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([short]))
+    assert "video: has 9 frames, fewer than overlap_history (17)" in df_stage(validated).to_pylist()[0]["error"]
+    odd = ValidateRows(card, max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([{**short, "num_frames": 41}]))
+    assert "multiple of 4" in odd.to_pylist()[0]["error"]

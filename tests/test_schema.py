@@ -54,7 +54,9 @@ def test_derived_seed_is_stable_across_releases() -> None:
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"guidance_scale": 99.0}, "guidance_scale"),
-        ({"mode": "v2v"}, "mode"),
+        ({"mode": "x2v"}, "mode"),
+        ({"mode": "v2v"}, "video"),
+        ({"mode": "v2v", "video": "clip.mp4", "num_frames": 97}, "num_frames"),  # v2v adds multiples of 4
         ({"mode": "i2v"}, "image"),
         ({"mode": "flf2v", "image": "first.png"}, "last_image"),
         ({"image": "first.png"}, "image"),  # t2v takes no image

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from ray.actor import ActorHandle
 
 from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment, encode_prompts
-from skyreels_batch.inputs import center_crop_resize, fetch_image, fit_to_area
+from skyreels_batch.inputs import InputError, center_crop_resize, fetch_image, fetch_video, fit_to_area
 from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import load_pipeline, pipeline_kwargs, use_shift
 from skyreels_batch.plan import Segment, VideoPlan
@@ -46,6 +48,8 @@ class RenderVideos(RowStage):
         plan = plan_for(params)
         store = SegmentStore(self.output, params.id)
         resumed = store.open(params)
+        if "clip_frames" in conditioning and not resumed:
+            store.save_clip(conditioning.pop("clip_frames"))
         generator = torch.Generator("cpu").manual_seed(params.seed)
         decoder = StreamingDecoder(self.pipeline)
         previous = None
@@ -53,7 +57,7 @@ class RenderVideos(RowStage):
             previous, generator_state = store.load(resumed - 1)
             generator.set_state(generator_state)
             for segment, window in zip(plan.segments[:resumed], store.windows(resumed), strict=True):
-                decoder.skip(window[:, :, segment.overlap :])
+                decoder.skip(window[:, :, 0 if segment.index == 0 else segment.overlap :])
 
         use_shift(self.pipeline, params.shift)
         embeddings: dict[str, tuple] = {}
@@ -64,6 +68,8 @@ class RenderVideos(RowStage):
                     self.pipeline, prompt, params.negative_prompt, params.guidance_scale
                 )
             window = self._denoise(params, plan, segment, previous, generator, embeddings[prompt], conditioning)
+            if segment.index == 0 and segment.overlap:  # v2v: the clip's latents lead into the new frames
+                decoder.skip(window[:, :, : segment.overlap])
             frames = to_uint8(decoder.decode(window[:, :, segment.overlap :]))
             store.save(segment.index, frames, window, generator.get_state())
             if self.progress is not None:
@@ -102,19 +108,18 @@ class RenderVideos(RowStage):
             params=params,
             first_frame=conditioning.get("image"),
             last_frame=conditioning.get("last_image"),
+            clip=conditioning.get("video"),
         )
 
-    def _conditioning(self, params: RenderParams) -> tuple[RenderParams, dict[str, torch.Tensor]]:
-        """Fetch the row's images; fit the first to the model's area unless the row sets the size, and the last
-        to the first's size. Returns the params with the size resolved and the preprocessed frames."""
+    def _conditioning(self, params: RenderParams) -> tuple[RenderParams, dict[str, Any]]:
+        """Fetch the row's images or clip; fit them to the model's area unless the row sets the size (a last image
+        to the first's size). Returns the params with the size resolved and the preprocessed inputs."""
+        if params.video is not None:
+            return self._clip(params)
         if params.image is None:
             return params, {}
         first = fetch_image(params.image, "image")
-        if params.height is None:
-            defaults = self.card.defaults
-            first, height, width = fit_to_area(first, defaults.height * defaults.width, SPATIAL_MULTIPLE)
-            params = params.model_copy(update={"height": height, "width": width})
-        check_size(params.height, params.width, self.card, f"row {params.id!r}")
+        params = self._resolve_size(params, first)
         images = {"image": first}
         if params.last_image is not None:
             images["last_image"] = center_crop_resize(
@@ -126,3 +131,23 @@ class RenderVideos(RowStage):
             name: processor.preprocess(image, height=params.height, width=params.width).to(device, torch.float32)
             for name, image in images.items()
         }
+
+    def _clip(self, params: RenderParams) -> tuple[RenderParams, dict[str, Any]]:
+        clip = fetch_video(params.video)
+        if len(clip) < params.overlap_history:
+            raise InputError(f"video: has {len(clip)} frames, fewer than overlap_history ({params.overlap_history})")
+        params = self._resolve_size(params, clip[0])
+        size = (params.width, params.height)
+        clip = [frame if frame.size == size else frame.resize(size, Image.Resampling.LANCZOS) for frame in clip]
+        tensor = self.pipeline.video_processor.preprocess_video(clip, height=params.height, width=params.width)
+        frames = np.stack([np.asarray(frame) for frame in clip])
+        return params, {"video": tensor.to(self.pipeline._execution_device, torch.float32), "clip_frames": frames}
+
+    def _resolve_size(self, params: RenderParams, first: Image.Image) -> RenderParams:
+        """The row's size, or the first frame's fitted to the model card's default area; checked either way."""
+        if params.height is None:
+            defaults = self.card.defaults
+            _, height, width = fit_to_area(first, defaults.height * defaults.width, SPATIAL_MULTIPLE)
+            params = params.model_copy(update={"height": height, "width": width})
+        check_size(params.height, params.width, self.card, f"row {params.id!r}")
+        return params

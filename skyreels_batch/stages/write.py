@@ -41,7 +41,8 @@ class WriteVideos(RowStage):
         started = time.perf_counter()
         store = SegmentStore(self.output, params.id)
         count = row["num_segments"]
-        mp4 = encode_mp4(store.frames(count), fps=params.fps, crf=self.crf, lossless=self.lossless)
+        frames = store.frames(count, with_clip=params.mode == "v2v")
+        mp4 = encode_mp4(frames, fps=params.fps, crf=self.crf, lossless=self.lossless)
         saved_latents = self._save_latents(params, store, count) if self.save_latents else None
         uri = video_uri(self.output, params.id)
         storage.write_bytes_atomic(uri, mp4)
