@@ -17,10 +17,7 @@ class InputError(ValueError):
 
 def fetch_image(uri: str, field: str) -> Image.Image:
     """The image at `uri`; InputError naming `field` (the manifest column) when it cannot be had."""
-    try:
-        data = storage.read_bytes(storage.normalize(uri))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{field}: cannot fetch {uri!r}: {type(error).__name__}: {error}") from None
+    data = _fetch(uri, field)
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
@@ -30,10 +27,7 @@ def fetch_image(uri: str, field: str) -> Image.Image:
 
 def fetch_video(uri: str, field: str = "video") -> list[Image.Image]:
     """Every frame of the clip at `uri`, as RGB images; InputError naming `field` when it cannot be had."""
-    try:
-        data = storage.read_bytes(storage.normalize(uri))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{field}: cannot fetch {uri!r}: {type(error).__name__}: {error}") from None
+    data = _fetch(uri, field)
     try:
         with av.open(io.BytesIO(data)) as container:
             frames = [frame.to_image() for frame in container.decode(video=0)]
@@ -42,6 +36,13 @@ def fetch_video(uri: str, field: str = "video") -> list[Image.Image]:
     if not frames:
         raise InputError(f"{field}: {uri!r} has no frames")
     return frames
+
+
+def _fetch(uri: str, field: str) -> bytes:
+    try:
+        return storage.read_bytes(storage.normalize(uri))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{field}: cannot fetch {uri!r}: {type(error).__name__}: {error}") from None
 
 
 def fit_to_area(image: Image.Image, area: int, multiple: int) -> tuple[Image.Image, int, int]:
