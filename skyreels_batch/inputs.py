@@ -6,7 +6,9 @@ import io
 import math
 
 import av
+import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load as load_tensors
 
 from skyreels_batch import storage
 
@@ -36,6 +38,19 @@ def fetch_video(uri: str, field: str = "video") -> list[Image.Image]:
     if not frames:
         raise InputError(f"{field}: {uri!r} has no frames")
     return frames
+
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def fetch_lora(uri: str, field: str = "lora") -> dict[str, torch.Tensor]:
+    """A diffusers/peft LoRA state dict from a .safetensors file or a directory holding the standard file name."""
+    file_uri = uri if uri.endswith(".safetensors") else storage.join(uri, LORA_WEIGHTS_NAME)
+    data = _fetch(file_uri, field)
+    try:
+        return load_tensors(data)
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        raise InputError(f"{field}: {file_uri!r} is not a safetensors LoRA: {error}") from None
 
 
 def _fetch(uri: str, field: str) -> bytes:

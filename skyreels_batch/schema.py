@@ -72,6 +72,12 @@ class ManifestRow(BaseModel):
     causal_block_size: int | None = Field(
         default=None, ge=1, description="Latent frames per causal block (async mode); must divide every window."
     )
+    lora: str | None = Field(
+        default=None,
+        description="A LoRA in diffusers/peft format: a .safetensors file or a directory holding "
+        "pytorch_lora_weights.safetensors, at a local path or fsspec URL.",
+    )
+    lora_scale: float | None = Field(default=None, ge=-10.0, le=10.0, description="LoRA weight (default 1; 0: off).")
     segment_prompts: list[str] | None = Field(
         default=None, min_length=1, description="Prompt travel: segment k uses prompt k, the last one repeating."
     )
@@ -124,6 +130,8 @@ class RenderParams(BaseModel):
     ar_step: int
     causal_block_size: int
     segment_prompts: tuple[str, ...] | None
+    lora: str | None
+    lora_scale: float
     model: str
 
     def prompt_for(self, segment_index: int) -> str:
@@ -192,6 +200,8 @@ def resolve(raw: dict[str, Any], card: ModelCard, *, max_frames: int) -> RenderP
         ar_step=row.ar_step or 0,
         causal_block_size=row.causal_block_size or 1,
         segment_prompts=tuple(row.segment_prompts) if row.segment_prompts else None,
+        lora=row.lora,
+        lora_scale=1.0 if row.lora_scale is None else row.lora_scale,
         model=card.name,
     )
     _check_against_card(params, card, max_frames, label)

@@ -273,3 +273,44 @@ def test_v2v_conditioning_is_real_and_bad_clips_fail_their_row(df_stage, tmp_pat
     assert "video: has 9 frames, fewer than overlap_history (17)" in df_stage(validated).to_pylist()[0]["error"]
     odd = ValidateRows(card, max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([{**short, "num_frames": 41}]))
     assert "multiple of 4" in odd.to_pylist()[0]["error"]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A LoRA for the embedded transformer in diffusers' format, with random (not zero) up-projections."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(materialize(card_for("tiny-df")))
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    pipe.transformer.add_adapter(config, adapter_name="style")
+    folder = tmp_path_factory.mktemp("lora")
+    SkyReelsV2DiffusionForcingPipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="style")
+    )
+    return str(folder)
+
+
+def test_lora_changes_the_video_scale_0_does_not_and_it_is_loaded_once(lora_dir, tmp_path: Path) -> None:
+    card = card_for("tiny-df")
+    stage = RenderVideos(card, output=str(tmp_path), device="cpu", torch_threads=2)
+    plain = render(stage, card, {**ROW, "id": "plain"})
+    styled = render(stage, card, {**ROW, "id": "styled", "lora": lora_dir})
+    half = render(stage, card, {**ROW, "id": "half", "lora": lora_dir, "lora_scale": 0.5})
+    off = render(stage, card, {**ROW, "id": "off", "lora": lora_dir, "lora_scale": 0.0})
+    after = render(stage, card, {**ROW, "id": "after"})
+    file_uri = render(stage, card, {**ROW, "id": "by-file", "lora": f"{lora_dir}/pytorch_lora_weights.safetensors"})
+    assert not np.array_equal(styled, plain) and not np.array_equal(half, styled)
+    np.testing.assert_array_equal(off, plain)
+    np.testing.assert_array_equal(after, plain)  # a LoRA row leaves nothing behind
+    np.testing.assert_array_equal(file_uri, styled)
+    assert list(stage.adapters) == [lora_dir, f"{lora_dir}/pytorch_lora_weights.safetensors"]
+    assert stage.pipeline.get_list_adapters() == {"transformer": ["lora0", "lora1"]}
+
+
+def test_a_missing_lora_fails_its_row_naming_the_field(df_stage, tmp_path: Path) -> None:
+    validated = ValidateRows(card_for("tiny-df"), max_frames=1457, duplicate_ids=())(
+        pa.Table.from_pylist([{**ROW, "id": "no-lora", "lora": str(tmp_path / "missing")}])
+    )
+    assert df_stage(validated).to_pylist()[0]["error"].startswith("row 'no-lora': lora: cannot fetch")

@@ -11,7 +11,14 @@ from PIL import Image
 from ray.actor import ActorHandle
 
 from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment, encode_prompts
-from skyreels_batch.inputs import InputError, center_crop_resize, fetch_image, fetch_video, fit_to_area
+from skyreels_batch.inputs import (
+    InputError,
+    center_crop_resize,
+    fetch_image,
+    fetch_lora,
+    fetch_video,
+    fit_to_area,
+)
 from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import load_pipeline, pipeline_kwargs, use_shift
 from skyreels_batch.plan import Segment, VideoPlan
@@ -41,6 +48,7 @@ class RenderVideos(RowStage):
         self.output = output
         self.progress = progress
         self.pipeline = load_pipeline(card, device)
+        self.adapters: dict[str, str] = {}  # LoRA URI -> adapter name: each LoRA is loaded once per actor
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -60,6 +68,7 @@ class RenderVideos(RowStage):
                 decoder.skip(window[:, :, 0 if segment.index == 0 else segment.overlap :])
 
         use_shift(self.pipeline, params.shift)
+        self._use_lora(params)
         embeddings: dict[str, tuple] = {}
         for segment in plan.segments[resumed:]:
             prompt = params.prompt_for(segment.index)
@@ -110,6 +119,19 @@ class RenderVideos(RowStage):
             last_frame=conditioning.get("last_image"),
             clip=conditioning.get("video"),
         )
+
+    def _use_lora(self, params: RenderParams) -> None:
+        """The row's LoRA at its scale, switched with set_adapters; loaded the first time this actor meets it."""
+        if params.lora is None or params.lora_scale == 0:
+            if self.adapters:
+                self.pipeline.disable_lora()
+            return
+        if params.lora not in self.adapters:
+            name = f"lora{len(self.adapters)}"
+            self.pipeline.load_lora_weights(fetch_lora(params.lora), adapter_name=name)
+            self.adapters[params.lora] = name
+        self.pipeline.enable_lora()
+        self.pipeline.set_adapters([self.adapters[params.lora]], adapter_weights=[params.lora_scale])
 
     def _conditioning(self, params: RenderParams) -> tuple[RenderParams, dict[str, Any]]:
         """Fetch the row's images or clip; fit them to the model's area unless the row sets the size (a last image
