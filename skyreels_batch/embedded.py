@@ -18,12 +18,20 @@ from diffusers import (
     AutoencoderKLWan,
     DiffusionPipeline,
     SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2ImageToVideoPipeline,
     SkyReelsV2Pipeline,
     SkyReelsV2Transformer3DModel,
     UniPCMultistepScheduler,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    PreTrainedTokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
 from skyreels_batch.models import CARD_FILENAME, ModelCard
 
@@ -48,7 +56,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-PIPELINES = {"df": SkyReelsV2DiffusionForcingPipeline, "t2v": SkyReelsV2Pipeline}
+PIPELINES = {
+    "df": SkyReelsV2DiffusionForcingPipeline,
+    "t2v": SkyReelsV2Pipeline,
+    "i2v": SkyReelsV2ImageToVideoPipeline,
+}
 
 
 def build_pipeline(card: ModelCard) -> DiffusionPipeline:
@@ -70,9 +82,13 @@ def build_pipeline(card: ModelCard) -> DiffusionPipeline:
         num_train_timesteps=1000,
         flow_shift=card.defaults.shift,
     )
-    return PIPELINES[card.family](
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
-    )
+    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae)
+    if card.family == "i2v":
+        encoder = spec["image_encoder"]
+        components["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**encoder))
+        size = encoder["image_size"]
+        components["image_processor"] = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
+    return PIPELINES[card.family](scheduler=scheduler, **components)
 
 
 def export_embedded(card: ModelCard, directory: Path) -> Path:

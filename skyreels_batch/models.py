@@ -58,6 +58,9 @@ class ModelCard(BaseModel):
         default=None, description="Build spec of an embedded model (sizes and seed); None for Hub checkpoints."
     )
     path: str | None = Field(default=None, description="Local diffusers directory, when loaded from one.")
+    last_frame: bool = Field(
+        default=False, description="I2V family: the transformer has a last-frame embedding (pos_embed_seq_len), FLF2V."
+    )
 
     @property
     def pipeline_class_name(self) -> str:

@@ -214,8 +214,12 @@ def _check_against_card(params: RenderParams, card: ModelCard, max_frames: int, 
 
     if params.mode not in card.modes:
         fail("mode", f"{params.mode!r} is not served by {card.name} ({card.family} family serves {card.modes})")
-    if card.family == "i2v":
-        fail("mode", f"I2V checkpoints ({card.name}) are not served yet; use a diffusion-forcing checkpoint")
+    if card.family == "i2v" and params.mode == "flf2v" and not card.last_frame:
+        fail(
+            "mode",
+            f"flf2v: {card.name} was converted without a last-frame embedding (diffusers fails on it with a "
+            "tensor-size error); use a diffusion-forcing checkpoint",
+        )
     for field in ("num_frames", "base_num_frames", "overlap_history"):
         if field == "num_frames" and params.mode == "v2v":
             if params.num_frames % TEMPORAL_FACTOR:

@@ -11,6 +11,7 @@ import torch
 from diffusers import (
     SkyReelsV2DiffusionForcingImageToVideoPipeline,
     SkyReelsV2DiffusionForcingVideoToVideoPipeline,
+    SkyReelsV2ImageToVideoPipeline,
     SkyReelsV2Pipeline,
     UniPCMultistepScheduler,
 )
@@ -314,3 +315,35 @@ def test_a_missing_lora_fails_its_row_naming_the_field(df_stage, tmp_path: Path)
         pa.Table.from_pylist([{**ROW, "id": "no-lora", "lora": str(tmp_path / "missing")}])
     )
     assert df_stage(validated).to_pylist()[0]["error"].startswith("row 'no-lora': lora: cannot fetch")
+
+
+def test_plain_i2v_checkpoints_render_exactly_what_skyreels_v2_image_to_video_returns(images, tmp_path: Path) -> None:
+    card = card_for("tiny-i2v")
+    stage = RenderVideos(card, output=str(tmp_path), device="cpu", torch_threads=2)
+    assert type(stage.pipeline).__name__ == "SkyReelsV2ImageToVideoPipeline"
+    row = {**ROW, "id": "plain-i2v", "mode": "i2v", "image": images["first"]}
+    frames = render(stage, card, row)
+
+    pipe = SkyReelsV2ImageToVideoPipeline.from_pretrained(materialize(card))
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=7.0)
+    expected = pipe(
+        image=Image.open(images["first"]).convert("RGB"),
+        prompt=ROW["prompt"],
+        negative_prompt="",
+        height=32,
+        width=48,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        generator=torch.Generator("cpu").manual_seed(21),
+    ).frames[0]
+    np.testing.assert_array_equal(frames, to_uint8(expected))
+    other = render(stage, card, {**row, "id": "plain-i2v-2", "image": images["other"]})
+    assert not np.array_equal(frames, other)
+
+
+def test_flf2v_on_i2v_checkpoints_without_a_last_frame_embedding_is_a_per_row_error(images) -> None:
+    for name in ("tiny-i2v", "Skywork/SkyReels-V2-I2V-14B-540P-Diffusers"):
+        row = {**ROW, "mode": "flf2v", "image": images["first"], "last_image": images["last"]}
+        validated = ValidateRows(card_for(name), max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([row]))
+        assert "use a diffusion-forcing checkpoint" in validated.to_pylist()[0]["error"]

@@ -102,8 +102,10 @@ class RenderVideos(RowStage):
         conditioning: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         if self.card.family != "df":
-            # Plain T2V checkpoints render one window; their pipeline call is the whole segment.
+            # Plain T2V / I2V checkpoints render one window; their pipeline call is the whole segment.
             kwargs = {**pipeline_kwargs(params), "generator": generator}
+            if self.card.family == "i2v":
+                kwargs["image"] = conditioning["image_source"]
             return self.pipeline(**kwargs, output_type="latent").frames
         prompt_embeds, negative_prompt_embeds = embeddings
         return denoise_segment(
@@ -150,8 +152,11 @@ class RenderVideos(RowStage):
         device = self.pipeline._execution_device
         processor = self.pipeline.video_processor
         return params, {
-            name: processor.preprocess(image, height=params.height, width=params.width).to(device, torch.float32)
-            for name, image in images.items()
+            "image_source": first,
+            **{
+                name: processor.preprocess(image, height=params.height, width=params.width).to(device, torch.float32)
+                for name, image in images.items()
+            },
         }
 
     def _clip(self, params: RenderParams) -> tuple[RenderParams, dict[str, Any]]:
