@@ -120,5 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownModelError, ManifestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
-    print(f"{summary.done} done, {summary.failed} failed of {summary.total}", flush=True)
+    already = f" ({summary.skipped} already done)" if summary.skipped else ""
+    print(f"{summary.done} done{already}, {summary.failed} failed of {summary.total}", flush=True)
     return EXIT_SOME_FAILED if summary.failed else EXIT_DONE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import Counter
@@ -17,7 +18,7 @@ from skyreels_batch.config import JobConfig, Resources, plan_resources
 from skyreels_batch.manifest import Manifest, open_manifest, read_rows
 from skyreels_batch.models import ModelCard, card_for
 from skyreels_batch.progress import SegmentCounter
-from skyreels_batch.results import result_row, write_index
+from skyreels_batch.results import finished_requests, result_row, write_index
 from skyreels_batch.schema import RenderParams, plan_for
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
@@ -37,6 +38,7 @@ class JobSummary:
     failed: int
     index_uri: str
     errors: list[str]
+    skipped: int = 0
 
 
 def run_job(config: JobConfig, *, log: Callable[[str], None] = print) -> JobSummary:
@@ -55,13 +57,19 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print) -> JobSumm
         f"{resources.min_workers}-{resources.max_workers} render actors -> {output}"
     )
 
+    done = finished_requests(output)
     rows = read_manifest(manifest, resources)
     rows = rows.map_batches(
-        ValidateRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids),
+        ValidateRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids, done=done),
         batch_format="pyarrow",
         num_cpus=resources.validate_num_cpus,
-    ).materialize()  # small metadata; validating everything first gives the totals progress counts against
-    progress = Progress(total_videos=manifest.num_rows, total_segments=int(rows.sum("num_segments") or 0), log=log)
+    )
+    # Rows an earlier run finished keep their index rows and are not rendered again.
+    rows = rows.filter(lambda row: not row["skipped"]).materialize()
+    skipped = manifest.num_rows - rows.count()
+    if skipped:
+        log(f"skipping {skipped} rows already done in {output}")
+    progress = Progress(total_videos=rows.count(), total_segments=int(rows.sum("num_segments") or 0), log=log)
     rows = render_videos(rows, card, output, resources, progress.counter)
     rows = rows.map_batches(
         WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents),
@@ -69,7 +77,8 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print) -> JobSumm
         batch_format="pyarrow",
         num_cpus=resources.write_num_cpus,
     )
-    return collect_results(rows, output, progress, log)
+    summary = collect_results(rows, output, progress, log)
+    return dataclasses.replace(summary, total=manifest.num_rows, done=summary.done + skipped, skipped=skipped)
 
 
 def plan_job(config: JobConfig) -> Iterator[dict]:

@@ -27,6 +27,7 @@ RESULTS = pa.schema(
         ("seed", pa.int64()),
         ("model", pa.string()),
         ("params", pa.string()),
+        ("request_hash", pa.string()),
         ("checksum", pa.string()),
         ("latents_uri", pa.string()),
         ("num_segments", pa.int64()),
@@ -43,24 +44,12 @@ def results_dir(output: str) -> str:
 
 
 def result_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A row that left the writer stage -> its results index row."""
+    """A row that left the writer stage -> its results index row: the index's columns the row carries, the
+    resolved parameters broken out, and the status."""
     params = json.loads(row["params"]) if row.get("params") else {}
+    carried = [name for name in RESULTS.names if name not in PARAM_COLUMNS and name != "status"]
     return {
-        **{
-            name: row.get(name)
-            for name in (
-                "id",
-                "uri",
-                "error",
-                "params",
-                "checksum",
-                "latents_uri",
-                "num_segments",
-                "resumed_segments",
-                "render_s",
-                "encode_s",
-            )
-        },
+        **{name: row.get(name) for name in carried},
         **{name: params.get(name) for name in PARAM_COLUMNS},
         "status": "failed" if row.get("error") else "done",
     }
@@ -81,6 +70,21 @@ def write_index(output: str, rows: list[dict[str, Any]]) -> str:
     for old in earlier:
         storage.remove_tree(old)
     return uri
+
+
+def finished_requests(output: str) -> dict[str, str]:
+    """id -> request hash of the videos an earlier run finished: `done` in the index and its MP4 committed.
+    Cheap: the index files and one listing of `videos/`; no video is read."""
+    done = {
+        row["id"]: row["request_hash"]
+        for row in read_index_files(storage.list_files(results_dir(output), ".parquet"))
+        if row["status"] == "done" and row.get("request_hash")
+    }
+    committed = {
+        uri.rsplit("/", 1)[-1].removesuffix(".mp4")
+        for uri in storage.list_files(storage.join(output, "videos"), ".mp4")
+    }
+    return {video_id: request for video_id, request in done.items() if video_id in committed}
 
 
 def read_index_files(uris: list[str]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -77,15 +78,30 @@ def test_results_index_has_one_row_per_manifest_row(local_run) -> None:
     assert results.loc["no-prompt"].status == "failed" and "prompt" in results.loc["no-prompt"].error
 
 
-def test_rerunning_gives_bit_identical_videos_and_still_one_row_per_id(local_run) -> None:
+def test_rerunning_skips_done_rows_and_rerenders_a_lost_video_bit_identically(local_run) -> None:
     manifest, output, _ = local_run
     before = {p.name: p.read_bytes() for p in (output / "videos").iterdir()}
-    run_job(JobConfig(manifest=str(manifest), output=str(output)), log=lambda _: None)
+    (output / "videos" / "beta.mp4").unlink()  # a lost output is not "done", whatever the index says
+    lines: list[str] = []
+    summary = run_job(JobConfig(manifest=str(manifest), output=str(output)), log=lines.append)
+    assert summary.skipped == 2 and (summary.done, summary.failed, summary.total) == (3, 2, 5)
+    assert "skipping 2 rows already done" in " ".join(lines)
     after = {p.name: p.read_bytes() for p in (output / "videos").iterdir()}
     assert before == after
     results = pd.read_parquet(output / "results")
     assert len(results) == len(GOOD + BAD) and results.id.is_unique
     assert len(list((output / "results").iterdir())) == 1
+    rerendered = results.set_index("id").loc["beta"]
+    assert rerendered.status == "done" and rerendered.checksum == hashlib.sha256(before["beta.mp4"]).hexdigest()
+
+
+def test_a_changed_row_is_rendered_again(ray_local: None, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.parquet", GOOD[2:])
+    run_job(JobConfig(manifest=str(manifest), output=str(tmp_path / "out")), log=lambda _: None)
+    write_manifest(manifest, [{**GOOD[2], "seed": 99}])
+    summary = run_job(JobConfig(manifest=str(manifest), output=str(tmp_path / "out")), log=lambda _: None)
+    assert (summary.skipped, summary.done) == (0, 1)
+    assert pd.read_parquet(tmp_path / "out" / "results").set_index("id").loc["gamma.v2"].seed == 99
 
 
 def test_job_reads_the_manifest_from_and_writes_everything_to_s3(ray_local: None, tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ VALIDATED = pa.schema(
         ("id", pa.string()),
         ("params", pa.string()),
         ("error", pa.string()),
+        ("request_hash", pa.string()),
+        ("skipped", pa.bool_()),
         ("num_segments", pa.int64()),
         ("cost", pa.int64()),
     ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import hashlib
+from collections.abc import Collection, Mapping
 
 import pyarrow as pa
 
@@ -12,12 +13,21 @@ from skyreels_batch.stages import VALIDATED, table
 
 
 class ValidateRows:
-    """Manifest rows -> `id`, `params` (resolved JSON) and the plan's size, or `error`. Cheap: plain Ray tasks."""
+    """Manifest rows -> `id`, `params` (resolved JSON), the plan's size and whether an earlier run already made
+    this video (`skipped`), or `error`. Cheap: plain Ray tasks."""
 
-    def __init__(self, card: ModelCard, *, max_frames: int, duplicate_ids: Collection[str]) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        max_frames: int,
+        duplicate_ids: Collection[str],
+        done: Mapping[str, str] | None = None,
+    ) -> None:
         self.card = card
         self.max_frames = max_frames
         self.duplicate_ids = frozenset(duplicate_ids)
+        self.done = dict(done or {})  # id -> request hash of rows an earlier run finished
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table([self.validate(raw) for raw in batch.to_pylist()], VALIDATED)
@@ -32,9 +42,13 @@ class ValidateRows:
         except RowError as error:
             return {"id": shown_id, "error": str(error)}
         plan = plan_for(params)
+        request = params.model_dump_json()
+        request_hash = hashlib.sha256(request.encode()).hexdigest()
         return {
             "id": params.id,
-            "params": params.model_dump_json(),
+            "params": request,
+            "request_hash": request_hash,
+            "skipped": self.done.get(params.id) == request_hash,
             "num_segments": len(plan.segments),
             "cost": plan.cost,
         }
