@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write <output>/latents/<id>.safetensors (key 'latents', [1, C, L, h, w])",
     )
     parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="retry a row whose render actor died (preemption, OOM) up to N times, then mark it failed (3)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="render nothing; print each video's segment plan as one JSON line, then the totals",
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         lossless=args.lossless,
         max_frames=args.max_frames,
         save_latents=args.save_latents,
+        max_retries=args.max_retries,
         device=args.device,
     )
     from skyreels_batch.pipeline import run_job  # Ray and torch load only once the flags are good

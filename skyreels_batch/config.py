@@ -22,6 +22,9 @@ class JobConfig(BaseModel):
     lossless: bool = Field(default=False, description="Lossless RGB H.264 (libx264rgb, crf 0) for masters.")
     max_frames: int = Field(default=1457, ge=1, description="Rows asking for more frames are rejected.")
     save_latents: bool = Field(default=False, description="Also write <output>/latents/<id>.safetensors.")
+    max_retries: int = Field(
+        default=3, ge=0, description="Retries of a row whose render actor died (preemption, OOM, crash)."
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where render actors run.")
 
 

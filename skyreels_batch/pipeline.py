@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import ray
 from ray.actor import ActorHandle
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from skyreels_batch import storage
 from skyreels_batch.config import JobConfig, Resources, plan_resources
@@ -26,8 +27,6 @@ from skyreels_batch.stages.write import WriteVideos
 
 logger = logging.getLogger(__name__)
 
-# Rows per block when reading: small blocks let the render pool spread rows over every actor.
-ROWS_PER_READ_BLOCK = 1
 PROGRESS_INTERVAL_S = 15.0
 
 
@@ -57,6 +56,30 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print) -> JobSumm
         f"{resources.min_workers}-{resources.max_workers} render actors -> {output}"
     )
 
+    with rows_may_be_lost():
+        return _run(config, card, output, manifest, resources, log)
+
+
+@contextlib.contextmanager
+def rows_may_be_lost() -> Iterator[None]:
+    """Let Ray Data drop the block of a row whose task gave up (collect_results reports it as failed) instead of
+    failing the whole job. Datasets copy the context when they are created, so this wraps their creation."""
+    context = DataContext.get_current()
+    saved, context.max_errored_blocks = context.max_errored_blocks, -1
+    try:
+        yield
+    finally:
+        context.max_errored_blocks = saved
+
+
+def _run(
+    config: JobConfig,
+    card: ModelCard,
+    output: str,
+    manifest: Manifest,
+    resources: Resources,
+    log: Callable[[str], None],
+) -> JobSummary:
     done = finished_requests(output)
     rows = read_manifest(manifest, resources)
     rows = rows.map_batches(
@@ -64,20 +87,24 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print) -> JobSumm
         batch_format="pyarrow",
         num_cpus=resources.validate_num_cpus,
     )
-    # Rows an earlier run finished keep their index rows and are not rendered again.
+    # Rows an earlier run finished keep their index rows and are not rendered again. One row per block: Ray Data
+    # coalesces small blocks, and a block is one actor task, so this is what spreads videos over the pool (and
+    # confines a task that gives up to its own row).
     rows = rows.filter(lambda row: not row["skipped"]).materialize()
+    rows = rows.repartition(target_num_rows_per_block=1, strict=True).materialize()
     skipped = manifest.num_rows - rows.count()
     if skipped:
         log(f"skipping {skipped} rows already done in {output}")
-    progress = Progress(total_videos=rows.count(), total_segments=int(rows.sum("num_segments") or 0), log=log)
-    rows = render_videos(rows, card, output, resources, progress.counter)
+    expected = set(rows.select_columns(["id"]).to_pandas()["id"])
+    progress = Progress(total_videos=len(expected), total_segments=int(rows.sum("num_segments") or 0), log=log)
+    rows = render_videos(rows, card, output, resources, progress.counter, config.max_retries)
     rows = rows.map_batches(
         WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents),
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=resources.write_num_cpus,
     )
-    summary = collect_results(rows, output, progress, log)
+    summary = collect_results(rows, output, progress, log, expected, config.max_retries)
     return dataclasses.replace(summary, total=manifest.num_rows, done=summary.done + skipped, skipped=skipped)
 
 
@@ -104,12 +131,13 @@ def read_manifest(manifest: Manifest, resources: Resources) -> Dataset:
         manifest.files,
         filesystem=storage.arrow_filesystem(manifest.fs),
         columns=manifest.columns,
-        override_num_blocks=max(1, manifest.num_rows // ROWS_PER_READ_BLOCK),
         num_cpus=resources.read_num_cpus,
     )
 
 
-def render_videos(rows: Dataset, card: ModelCard, output: str, resources: Resources, progress: ActorHandle) -> Dataset:
+def render_videos(
+    rows: Dataset, card: ModelCard, output: str, resources: Resources, progress: ActorHandle, max_retries: int
+) -> Dataset:
     return rows.map_batches(
         RenderVideos,
         fn_constructor_kwargs=dict(
@@ -128,6 +156,10 @@ def render_videos(rows: Dataset, card: ModelCard, output: str, resources: Resour
         ),
         num_gpus=resources.render_num_gpus,
         num_cpus=resources.render_num_cpus,
+        # A dead actor (preempted node, OOM kill) is replaced and its row retried, resuming from the row's
+        # persisted segments; a row that keeps killing its actor gives up after max_retries.
+        max_restarts=-1,
+        max_task_retries=max_retries,
     )
 
 
@@ -169,17 +201,35 @@ class Progress:
             self.log(line)
 
 
-def collect_results(rows: Dataset, output: str, progress: Progress, log: Callable[[str], None]) -> JobSummary:
-    """Stream the (small) result rows to the driver, report progress, write the index."""
+def record(results: list[dict], result: dict, progress: Progress, log: Callable[[str], None]) -> None:
+    results.append(result)
+    if result["error"]:
+        log(f"failed: {result['error']}")
+    progress.video_finished(result["status"])
+
+
+def collect_results(
+    rows: Dataset,
+    output: str,
+    progress: Progress,
+    log: Callable[[str], None],
+    expected: set[str],
+    max_retries: int,
+) -> JobSummary:
+    """Stream the (small) result rows to the driver, report progress, write the index. A row whose task gave up
+    (its actor died more than max_retries times) never comes back: it is recorded as failed."""
     results = []
     try:
         for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
-                result = result_row(row)
-                results.append(result)
-                if result["error"]:
-                    log(f"failed: {result['error']}")
-                progress.video_finished(result["status"])
+                record(results, result_row(row), progress, log)
+        lost = sorted(expected - {result["id"] for result in results})
+        for video_id in lost:
+            message = (
+                f"row {video_id!r}: render actor died {max_retries + 1} times while rendering this row "
+                "(out of memory, a lost node or a crash); gave up (--max-retries)"
+            )
+            record(results, result_row({"id": video_id, "error": message}), progress, log)
     finally:
         progress.close()
     index_uri = write_index(output, results)
