@@ -10,12 +10,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import fsspec
 import pandas as pd
 import pytest
 
 from skyreels_batch.config import JobConfig
 from skyreels_batch.pipeline import run_job
-from tests.conftest import REPO, decode, write_manifest
+from tests.conftest import BUCKET, REPO, decode, write_manifest
 from tests.ray_head import stop_processes_under
 
 pytestmark = pytest.mark.slow
@@ -49,16 +50,20 @@ def test_long_and_short_videos_render_with_exact_frame_counts_and_segment_progre
     assert results.loc["long-take"].num_segments == 20 and results.loc["short"].num_segments == 1
 
 
-def test_a_job_killed_mid_video_resumes_from_its_persisted_segments(ray_local: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_job_killed_mid_video_resumes_from_its_persisted_segments(
+    ray_local: None, tmp_path: Path, where: str
+) -> None:
     manifest = write_manifest(tmp_path / "m.parquet", [LONG])
     reference = tmp_path / "reference"
     run_job(JobConfig(manifest=str(manifest), output=str(reference)), log=lambda _: None)
 
-    output = tmp_path / "out"
-    segments = output / "_segments" / LONG["id"]
+    output = str(tmp_path / "out") if where == "local" else f"s3://{BUCKET}/killed-{tmp_path.name}"
+    fs, root = fsspec.core.url_to_fs(output)
+    marker = f"{root}/_segments/{LONG['id']}/00002.safetensors"
     ray_tmp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")  # short: Ray's socket paths live under it
     driver = subprocess.Popen(
-        [sys.executable, "jobs/render.py", str(manifest), "--output", str(output)],
+        [sys.executable, "jobs/render.py", str(manifest), "--output", output],
         cwd=REPO,
         env={**os.environ, "RAY_TMPDIR": ray_tmp},
         start_new_session=True,
@@ -67,18 +72,19 @@ def test_a_job_killed_mid_video_resumes_from_its_persisted_segments(ray_local: N
     )
     try:
         deadline = time.monotonic() + 300
-        while not (segments / "00002.safetensors").exists():
+        while not fs.exists(marker):
             assert driver.poll() is None, "the job ended before it could be killed"
             assert time.monotonic() < deadline, "no segment was persisted in time"
+            fs.invalidate_cache()
             time.sleep(0.02)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started, mid-video
         driver.wait()
     finally:
         stop_processes_under(ray_tmp)
-    assert not (output / "videos" / f"{LONG['id']}.mp4").exists()
+    assert not fs.exists(f"{root}/videos/{LONG['id']}.mp4")
 
-    run_job(JobConfig(manifest=str(manifest), output=str(output)), log=lambda _: None)
-    results = pd.read_parquet(output / "results").set_index("id")
+    run_job(JobConfig(manifest=str(manifest), output=output), log=lambda _: None)
+    results = pd.read_parquet(f"{output}/results").set_index("id")
     assert 2 <= results.loc[LONG["id"]].resumed_segments < 20
     name = f"videos/{LONG['id']}.mp4"
-    assert (output / name).read_bytes() == (reference / name).read_bytes()
+    assert fs.cat_file(f"{root}/{name}") == (reference / name).read_bytes()
