@@ -31,6 +31,14 @@ def parse_workers(value: str) -> tuple[int, int | None]:
     return minimum, maximum
 
 
+def parse_resource(value: str) -> tuple[str, float]:
+    name, _, amount = value.partition("=")
+    try:
+        return name, float(amount or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--render-resource wants NAME or NAME=AMOUNT, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     columns = "\n".join(f"  {name:20} {text}" for name, text in manifest_columns().items())
     parser = argparse.ArgumentParser(
@@ -86,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="render nothing; print each video's segment plan as one JSON line, then the totals",
     )
     parser.add_argument(
+        "--render-resource",
+        type=parse_resource,
+        action="append",
+        default=[],
+        metavar="NAME[=AMOUNT]",
+        help="a custom Ray resource each render actor needs (repeatable), e.g. render=1 to keep render work on the "
+        "node types that offer it",
+    )
+    parser.add_argument(
         "--device",
         choices=["auto", "cuda", "cpu"],
         default="auto",
@@ -118,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         save_latents=args.save_latents,
         max_retries=args.max_retries,
         device=args.device,
+        render_resources=dict(args.render_resource),
     )
     from skyreels_batch.pipeline import run_job  # Ray and torch load only once the flags are good
 

@@ -26,6 +26,11 @@ class JobConfig(BaseModel):
         default=3, ge=0, description="Retries of a row whose render actor died (preemption, OOM, crash)."
     )
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where render actors run.")
+    render_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each render actor asks for, e.g. {'render': 1} to keep render work on the "
+        "node types that offer it (and off the head).",
+    )
 
 
 class Resources(BaseModel):
@@ -39,6 +44,7 @@ class Resources(BaseModel):
     max_workers: int
     render_num_gpus: float
     render_num_cpus: float
+    render_resources: dict[str, float] = {}
     torch_threads: int
     read_num_cpus: float = 0.25
     validate_num_cpus: float = 0.1
@@ -58,6 +64,7 @@ def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
             max_workers=max_workers,
             render_num_gpus=1,
             render_num_cpus=1,
+            render_resources=config.render_resources,
             torch_threads=4,
         )
     max_workers = config.max_workers or config.min_workers
@@ -69,5 +76,6 @@ def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
         max_workers=max_workers,
         render_num_gpus=0,
         render_num_cpus=round(min(1.0, share), 2),
+        render_resources=config.render_resources,
         torch_threads=max(1, int(cpus // max_workers)),
     )

@@ -95,16 +95,14 @@ def _run(
     skipped = manifest.num_rows - rows.count()
     if skipped:
         log(f"skipping {skipped} rows already done in {output}")
-    expected = set(rows.select_columns(["id"]).to_pandas()["id"])
-    progress = Progress(total_videos=len(expected), total_segments=int(rows.sum("num_segments") or 0), log=log)
-    rows = render_videos(rows, card, output, resources, progress.counter, config.max_retries)
-    rows = rows.map_batches(
-        WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents),
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=resources.write_num_cpus,
-    )
-    summary = collect_results(rows, output, progress, log, expected, config.max_retries)
+    progress = Progress(total_videos=rows.count(), total_segments=int(rows.sum("num_segments") or 0), log=log)
+    writer = WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents)
+
+    def render_and_write(pending: Dataset) -> Dataset:
+        rendered = render_videos(pending, card, output, resources, progress.counter)
+        return rendered.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=resources.write_num_cpus)
+
+    summary = collect_results(rows, render_and_write, output, progress, log, config.max_retries)
     return dataclasses.replace(summary, total=manifest.num_rows, done=summary.done + skipped, skipped=skipped)
 
 
@@ -135,9 +133,7 @@ def read_manifest(manifest: Manifest, resources: Resources) -> Dataset:
     )
 
 
-def render_videos(
-    rows: Dataset, card: ModelCard, output: str, resources: Resources, progress: ActorHandle, max_retries: int
-) -> Dataset:
+def render_videos(rows: Dataset, card: ModelCard, output: str, resources: Resources, progress: ActorHandle) -> Dataset:
     return rows.map_batches(
         RenderVideos,
         fn_constructor_kwargs=dict(
@@ -156,10 +152,12 @@ def render_videos(
         ),
         num_gpus=resources.render_num_gpus,
         num_cpus=resources.render_num_cpus,
-        # A dead actor (preempted node, OOM kill) is replaced and its row retried, resuming from the row's
-        # persisted segments; a row that keeps killing its actor gives up after max_retries.
+        resources=resources.render_resources or None,
+        # A dead actor (preempted node, OOM kill) is replaced; its row comes back in the next round of
+        # collect_results. Not retried here: Ray retries against a lost node before it is declared dead, which
+        # spends every retry in a second.
         max_restarts=-1,
-        max_task_retries=max_retries,
+        max_task_retries=0,
     )
 
 
@@ -210,21 +208,31 @@ def record(results: list[dict], result: dict, progress: Progress, log: Callable[
 
 def collect_results(
     rows: Dataset,
+    render_and_write: Callable[[Dataset], Dataset],
     output: str,
     progress: Progress,
     log: Callable[[str], None],
-    expected: set[str],
     max_retries: int,
 ) -> JobSummary:
-    """Stream the (small) result rows to the driver, report progress, write the index. A row whose task gave up
-    (its actor died more than max_retries times) never comes back: it is recorded as failed."""
-    results = []
+    """Stream the (small) result rows to the driver, report progress, write the index.
+
+    A row whose render actor died (a lost node, OOM, a crash) never comes back from its round; it goes into the
+    next round, up to max_retries more, resuming from its persisted segments, and is then recorded as failed.
+    """
+    results: list[dict] = []
+    pending = rows
     try:
-        for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                record(results, result_row(row), progress, log)
-        lost = sorted(expected - {result["id"] for result in results})
-        for video_id in lost:
+        for attempt in range(max_retries + 1):
+            expected = set(pending.select_columns(["id"]).to_pandas()["id"])
+            for batch in render_and_write(pending).iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    record(results, result_row(row), progress, log)
+            lost = expected - {result["id"] for result in results}
+            if not lost:
+                break
+            log(f"{len(lost)} rows lost their render actor; attempt {attempt + 2} of {max_retries + 1}")
+            pending = rows.filter(lambda row, lost=frozenset(lost): row["id"] in lost).materialize()
+        for video_id in sorted(lost):
             message = (
                 f"row {video_id!r}: render actor died {max_retries + 1} times while rendering this row "
                 "(out of memory, a lost node or a crash); gave up (--max-retries)"

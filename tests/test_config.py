@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from skyreels_batch.cli import parse_workers
+from skyreels_batch.cli import parse_resource, parse_workers
 from skyreels_batch.config import JobConfig, plan_resources
 
 
@@ -42,3 +42,10 @@ def test_workers_flag(text: str, parsed: tuple) -> None:
 def test_workers_flag_rejects_nonsense(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_workers(text)
+
+
+def test_render_resources_reach_the_render_pool_on_cpu_and_gpu_clusters() -> None:
+    assert parse_resource("render=2") == ("render", 2.0) and parse_resource("render") == ("render", 1.0)
+    config = JobConfig(manifest="m", render_resources={"render": 1.0})
+    assert plan_resources(config, {"CPU": 2.0}).render_resources == {"render": 1.0}
+    assert plan_resources(config, {"CPU": 8.0, "GPU": 1.0}).render_resources == {"render": 1.0}
