@@ -90,7 +90,7 @@ def _run(
     # Rows an earlier run finished keep their index rows and are not rendered again. One row per block: Ray Data
     # coalesces small blocks, and a block is one actor task, so this is what spreads videos over the pool (and
     # confines a task that gives up to its own row).
-    rows = rows.filter(lambda row: not row["skipped"]).materialize()
+    rows = rows.filter(lambda row: not row["skipped"])
     rows = rows.repartition(target_num_rows_per_block=1, strict=True).materialize()
     skipped = manifest.num_rows - rows.count()
     if skipped:
