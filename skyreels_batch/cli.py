@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="where render actors run (default: cuda when the cluster has GPUs)",
     )
+    parser.add_argument(
+        "--offload",
+        choices=["none", "model", "group"],
+        default="none",
+        help="keep weights in host memory, moving whole models (model) or layer groups (group) to the GPU as they "
+        "run, for GPUs smaller than the checkpoint (default none)",
+    )
     return parser
 
 
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         save_latents=args.save_latents,
         max_retries=args.max_retries,
         device=args.device,
+        offload=args.offload,
         render_resources=dict(args.render_resource),
     )
     from skyreels_batch.pipeline import run_job  # Ray and torch load only once the flags are good

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+Offload = Literal["none", "model", "group"]
+
 
 class JobConfig(BaseModel):
     """Everything a render job needs to know, built from the command line."""
@@ -26,6 +28,11 @@ class JobConfig(BaseModel):
         default=3, ge=0, description="Retries of a row whose render actor died (preemption, OOM, crash)."
     )
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where render actors run.")
+    offload: Offload = Field(
+        default="none",
+        description="Keep weights in host memory and move them to the device as they run: whole models "
+        "(enable_model_cpu_offload) or groups of layers (group offloading); for GPUs too small for the checkpoint.",
+    )
     render_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each render actor asks for, e.g. {'render': 1} to keep render work on the "
@@ -40,6 +47,7 @@ class Resources(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     device: Literal["cuda", "cpu"]
+    offload: Offload = "none"
     min_workers: int
     max_workers: int
     render_num_gpus: float
@@ -60,6 +68,7 @@ def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
         max_workers = config.max_workers or max(gpus, config.min_workers)
         return Resources(
             device="cuda",
+            offload=config.offload,
             min_workers=config.min_workers,
             max_workers=max_workers,
             render_num_gpus=1,
@@ -72,6 +81,7 @@ def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
     share = 0.75 * cpus / max_workers
     return Resources(
         device="cpu",
+        offload=config.offload,
         min_workers=min(config.min_workers, max_workers),
         max_workers=max_workers,
         render_num_gpus=0,

@@ -227,6 +227,11 @@ class StreamingDecoder:
 
     def _decode_frames(self, latents: torch.Tensor):
         vae = self.vae
+        # Model offload hooks wrap `forward`, `encode` and `decode`; this calls the VAE's parts directly, so it
+        # onloads the VAE itself, as diffusers' `apply_forward_hook` does for `decode`.
+        hook = getattr(vae, "_hf_hook", None)
+        if hook is not None:
+            hook.pre_forward(vae)
         latents = latents.to(vae.device, vae.dtype)
         mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)

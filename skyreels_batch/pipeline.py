@@ -140,6 +140,7 @@ def render_videos(rows: Dataset, card: ModelCard, output: str, resources: Resour
             card=card,
             output=output,
             device=resources.device,
+            offload=resources.offload,
             torch_threads=resources.torch_threads,
             progress=progress,
         ),

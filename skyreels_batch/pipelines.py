@@ -12,7 +12,9 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKLWan, DiffusionPipeline
+from diffusers.hooks import apply_group_offloading
 
+from skyreels_batch.config import Offload
 from skyreels_batch.models import ModelCard
 from skyreels_batch.schema import RenderParams
 
@@ -26,7 +28,7 @@ def model_source(card: ModelCard) -> str:
     return card.path or card.name
 
 
-def load_pipeline(card: ModelCard, device: str) -> DiffusionPipeline:
+def load_pipeline(card: ModelCard, device: str, offload: Offload = "none") -> DiffusionPipeline:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     pipeline_class = getattr(diffusers, card.pipeline_class_name)
@@ -38,6 +40,24 @@ def load_pipeline(card: ModelCard, device: str) -> DiffusionPipeline:
     else:
         pipeline = pipeline_class.from_pretrained(source, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
+    if offload == "model":
+        # Each model moves to the device when it runs and the previous one in `model_cpu_offload_seq` leaves.
+        pipeline.enable_model_cpu_offload(device=device)
+        return pipeline
+    if offload == "group":
+        # As diffusers' Wan docs (the same components): text encoder in groups of 4 blocks, transformer leaf by leaf
+        # with transfers overlapped on a CUDA stream; the VAE and image encoder are small and stay on the device.
+        onload = torch.device(device)
+        apply_group_offloading(
+            pipeline.text_encoder, onload_device=onload, offload_type="block_level", num_blocks_per_group=4
+        )
+        pipeline.transformer.enable_group_offload(
+            onload_device=onload, offload_type="leaf_level", use_stream=device == "cuda"
+        )
+        for component in (pipeline.vae, getattr(pipeline, "image_encoder", None)):
+            if component is not None:
+                component.to(device)
+        return pipeline
     return pipeline.to(device)
 
 

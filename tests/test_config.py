@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from skyreels_batch.cli import parse_resource, parse_workers
+from skyreels_batch.cli import build_parser, parse_resource, parse_workers
 from skyreels_batch.config import JobConfig, plan_resources
 
 
@@ -49,3 +49,13 @@ def test_render_resources_reach_the_render_pool_on_cpu_and_gpu_clusters() -> Non
     config = JobConfig(manifest="m", render_resources={"render": 1.0})
     assert plan_resources(config, {"CPU": 2.0}).render_resources == {"render": 1.0}
     assert plan_resources(config, {"CPU": 8.0, "GPU": 1.0}).render_resources == {"render": 1.0}
+
+
+def test_offload_flag_reaches_the_render_actors_and_rejects_unknown_kinds(capsys: pytest.CaptureFixture) -> None:
+    args = build_parser().parse_args(["m.parquet", "--offload", "group"])
+    config = JobConfig(manifest="m", offload=args.offload)
+    assert plan_resources(config, {"CPU": 8.0, "GPU": 1.0}).offload == "group"
+    assert plan_resources(JobConfig(manifest="m"), {"CPU": 2.0}).offload == "none"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["m.parquet", "--offload", "sequential"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from ray.actor import ActorHandle
 
+from skyreels_batch.config import Offload
 from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment, encode_prompts
 from skyreels_batch.inputs import (
     InputError,
@@ -41,13 +42,20 @@ class RenderVideos(RowStage):
     failure = "render failed"
 
     def __init__(
-        self, card: ModelCard, *, output: str, device: str, torch_threads: int, progress: ActorHandle | None = None
+        self,
+        card: ModelCard,
+        *,
+        output: str,
+        device: str,
+        torch_threads: int,
+        offload: Offload = "none",
+        progress: ActorHandle | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
         self.card = card
         self.output = output
         self.progress = progress
-        self.pipeline = load_pipeline(card, device)
+        self.pipeline = load_pipeline(card, device, offload)
         self.adapters: dict[str, str] = {}  # LoRA URI -> adapter name: each LoRA is loaded once per actor
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:

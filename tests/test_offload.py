@@ -1,0 +1,51 @@
+"""--offload: the same frames with weights kept in host memory, through diffusers' offload hooks.
+
+On this CPU-only machine host and device are the same memory, so these tests show the hooks are installed and
+driven (including by the streaming decoder, which calls the VAE's parts directly), not the memory they save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+from skyreels_batch.models import card_for
+from skyreels_batch.stages.render import RenderVideos
+from tests.test_modes import ROW, render
+
+LONG_ROW = {**ROW, "id": "long", "num_frames": 45, "base_num_frames": 21, "overlap_history": 9}
+
+
+def stage(output: Path, offload: str) -> RenderVideos:
+    return RenderVideos(card_for("tiny-df"), output=str(output), device="cpu", torch_threads=2, offload=offload)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    plain = stage(tmp_path_factory.mktemp("none"), "none")
+    return {row["id"]: render(plain, plain.card, row) for row in (ROW, LONG_ROW)}
+
+
+def test_model_offload_renders_the_same_frames_and_the_decoder_onloads_the_vae(
+    reference: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    offloaded = stage(tmp_path, "model")
+    vae = offloaded.pipeline.vae
+    onloads = []
+    pre_forward = vae._hf_hook.pre_forward
+    vae._hf_hook.pre_forward = lambda module: onloads.append(module) or pre_forward(module)
+    for row in (ROW, LONG_ROW):
+        assert np.array_equal(render(offloaded, offloaded.card, row), reference[row["id"]]), row["id"]
+    # One onload per decoded segment: 1 for the short row, 3 for the long one.
+    assert len(onloads) == 4
+
+
+def test_group_offload_renders_the_same_frames(reference: dict[str, np.ndarray], tmp_path: Path) -> None:
+    offloaded = stage(tmp_path, "group")
+    assert _is_group_offload_enabled(offloaded.pipeline.transformer)
+    assert _is_group_offload_enabled(offloaded.pipeline.text_encoder)
+    assert not _is_group_offload_enabled(offloaded.pipeline.vae)
+    for row in (ROW, LONG_ROW):
+        assert np.array_equal(render(offloaded, offloaded.card, row), reference[row["id"]]), row["id"]
