@@ -18,7 +18,7 @@ from skyreels_batch import storage
 from skyreels_batch.config import JobConfig, Resources, plan_resources
 from skyreels_batch.manifest import Manifest, open_manifest, read_rows
 from skyreels_batch.models import ModelCard, card_for
-from skyreels_batch.progress import SegmentCounter
+from skyreels_batch.progress import start_segment_counter
 from skyreels_batch.results import finished_requests, result_row, write_index
 from skyreels_batch.schema import RenderParams, plan_for
 from skyreels_batch.stages.render import RenderVideos
@@ -56,20 +56,27 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print) -> JobSumm
         f"{resources.min_workers}-{resources.max_workers} render actors -> {output}"
     )
 
-    with rows_may_be_lost():
-        return _run(config, card, output, manifest, resources, log)
+    return _run(config, card, output, manifest, resources, log)
 
 
 @contextlib.contextmanager
-def rows_may_be_lost() -> Iterator[None]:
-    """Let Ray Data drop the block of a row whose task gave up (collect_results reports it as failed) instead of
-    failing the whole job. Datasets copy the context when they are created, so this wraps their creation."""
+def render_pass_context() -> Iterator[None]:
+    """The Ray Data settings of a render pass. A dataset keeps the context it was created under, and datasets
+    derived from it share it, so this wraps the creation of the render pass's own source dataset.
+
+    - A row whose render task gave up loses its block instead of failing the job: collect_results retries the
+      row, then reports it as failed.
+    - The pool grows once every actor is busy. Ray Data's default threshold (175% of one task per actor) is never
+      reached with one video per actor, and a `--workers 1:8` pool would stay at one actor.
+    """
     context = DataContext.get_current()
-    saved, context.max_errored_blocks = context.max_errored_blocks, -1
+    saved = context.max_errored_blocks, context.autoscaling_config
+    context.max_errored_blocks = -1
+    context.autoscaling_config = dataclasses.replace(saved[1], actor_pool_util_upscaling_threshold=1.0)
     try:
         yield
     finally:
-        context.max_errored_blocks = saved
+        context.max_errored_blocks, context.autoscaling_config = saved
 
 
 def _run(
@@ -99,6 +106,8 @@ def _run(
     writer = WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents)
 
     def render_and_write(pending: Dataset) -> Dataset:
+        with render_pass_context():  # only here: a failed read or validation must fail the job, not drop rows
+            pending = ray.data.from_arrow_refs(pending.to_arrow_refs())
         rendered = render_videos(pending, card, output, resources, progress.counter)
         return rendered.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=resources.write_num_cpus)
 
@@ -169,7 +178,7 @@ class Progress:
         self.total_videos = total_videos
         self.total_segments = total_segments
         self.log = log
-        self.counter = SegmentCounter.remote()
+        self.counter = start_segment_counter()
         self.counts: Counter[str] = Counter()
         self._stop = threading.Event()
         self._last_line = ""
@@ -221,18 +230,19 @@ def collect_results(
     next round, up to max_retries more, resuming from its persisted segments, and is then recorded as failed.
     """
     results: list[dict] = []
-    pending = rows
+    lost = set(rows.select_columns(["id"]).to_pandas()["id"]) if rows.count() else set()
     try:
         for attempt in range(max_retries + 1):
-            expected = set(pending.select_columns(["id"]).to_pandas()["id"])
+            if not lost:
+                break
+            pending = rows
+            if attempt:
+                log(f"{len(lost)} rows lost their render actor; attempt {attempt + 1} of {max_retries + 1}")
+                pending = rows.filter(lambda row, lost=frozenset(lost): row["id"] in lost).materialize()
             for batch in render_and_write(pending).iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
                     record(results, result_row(row), progress, log)
-            lost = expected - {result["id"] for result in results}
-            if not lost:
-                break
-            log(f"{len(lost)} rows lost their render actor; attempt {attempt + 2} of {max_retries + 1}")
-            pending = rows.filter(lambda row, lost=frozenset(lost): row["id"] in lost).materialize()
+            lost -= {result["id"] for result in results}
         for video_id in sorted(lost):
             message = (
                 f"row {video_id!r}: render actor died {max_retries + 1} times while rendering this row "

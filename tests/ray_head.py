@@ -32,10 +32,12 @@ class RayHead:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[RayHead]:
+def ray_head(
+    num_cpus: int = 2, env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (), gcs_port: int | None = None
+) -> Iterator[RayHead]:
     # Short path: Ray's unix sockets live under the temp dir and their paths are length-limited.
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port = gcs_port or free_port(), free_port()
     # Ray 2.60 turns token authentication on by default for `ray start`; this head is local and throwaway.
     head_env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled"}
     command = [
@@ -56,6 +58,7 @@ def ray_head(num_cpus: int = 2, env: dict[str, str] | None = None) -> Iterator[R
         f"--runtime-env-agent-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
         f"--metrics-export-port={free_port()}",
+        *extra_args,
     ]
     process = subprocess.Popen(
         command, env=head_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
