@@ -26,6 +26,7 @@ class Manifest:
     uri: str
     fs: fsspec.AbstractFileSystem
     files: list[str]
+    schema: pa.Schema  # of all files together: a column missing from a file is null for its rows
     num_rows: int
     columns: list[str]
     unknown_columns: list[str]
@@ -36,7 +37,7 @@ def open_manifest(uri: str) -> Manifest:
     fs, path = storage.filesystem(storage.normalize(uri))
     files = _parquet_files(fs, path, uri)
     try:
-        dataset = pads.dataset(files, filesystem=storage.arrow_filesystem(fs), format="parquet")
+        dataset = _dataset(files, fs)
         if "id" not in dataset.schema.names:
             raise ManifestError(f"manifest {uri} has no 'id' column (columns: {', '.join(dataset.schema.names)})")
         ids = dataset.to_table(columns=["id"]).column("id")
@@ -51,6 +52,7 @@ def open_manifest(uri: str) -> Manifest:
         uri=uri,
         fs=fs,
         files=files,
+        schema=dataset.schema,
         num_rows=len(ids),
         columns=[name for name in dataset.schema.names if name in known],
         unknown_columns=[name for name in dataset.schema.names if name not in known],
@@ -60,9 +62,25 @@ def open_manifest(uri: str) -> Manifest:
 
 def read_rows(manifest: Manifest) -> Iterator[dict]:
     """Every manifest row as a dict, a record batch at a time (the driver-side path: --dry-run)."""
-    dataset = pads.dataset(manifest.files, filesystem=storage.arrow_filesystem(manifest.fs), format="parquet")
+    dataset = pads.dataset(
+        manifest.files, schema=manifest.schema, filesystem=storage.arrow_filesystem(manifest.fs), format="parquet"
+    )
     for batch in dataset.to_batches(columns=manifest.columns):
         yield from batch.to_pylist()
+
+
+def _dataset(files: list[str], fs: fsspec.AbstractFileSystem) -> pads.Dataset:
+    """All files as one dataset. Arrow takes the first file's schema unless told otherwise, which would drop the
+    columns only later files have (a folder that grows night by night gains columns), so the schemas are unified:
+    one footer read per file."""
+    dataset = pads.dataset(files, filesystem=storage.arrow_filesystem(fs), format="parquet")
+    schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
+    return pads.dataset(
+        files,
+        schema=pa.unify_schemas(schemas, promote_options="permissive"),
+        filesystem=storage.arrow_filesystem(fs),
+        format="parquet",
+    )
 
 
 def _parquet_files(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[str]:

@@ -138,6 +138,7 @@ def read_manifest(manifest: Manifest, resources: Resources) -> Dataset:
         manifest.files,
         filesystem=storage.arrow_filesystem(manifest.fs),
         columns=manifest.columns,
+        schema=manifest.schema,
         num_cpus=resources.read_num_cpus,
     )
 

@@ -12,6 +12,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 from PIL import Image
 
 from skyreels_batch.cli import main
@@ -145,6 +146,13 @@ def test_lossless_flag_writes_rgb_masters(ray_local: None, tmp_path: Path) -> No
         assert container.streams.video[0].codec_context.name == "h264"
 
 
+def folder_with_conflicting_columns(directory: Path) -> Path:
+    (directory / "nightly").mkdir()
+    write_manifest(directory / "nightly" / "a.parquet", GOOD[:1])
+    write_manifest(directory / "nightly" / "b.parquet", [{**GOOD[1], "prompt": 12345}])
+    return directory / "nightly"
+
+
 @pytest.mark.parametrize(
     ("manifest_of", "args", "message"),
     [
@@ -156,6 +164,7 @@ def test_lossless_flag_writes_rgb_masters(ray_local: None, tmp_path: Path) -> No
             [],
             "cannot read manifest",
         ),
+        (folder_with_conflicting_columns, [], "cannot read manifest"),
     ],
 )
 def test_unusable_invocations_exit_2_with_one_line_and_no_traceback(tmp_path: Path, manifest_of, args, message) -> None:
@@ -171,3 +180,29 @@ def test_unusable_invocations_exit_2_with_one_line_and_no_traceback(tmp_path: Pa
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_nightly_run_over_a_growing_folder_renders_only_the_new_rows(ray_local: None, tmp_path: Path) -> None:
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    output = tmp_path / "out"
+    write_manifest(folder / "2026-11-23.parquet", GOOD[:2])  # columns: ..., seed, fps
+    first = run_job(JobConfig(manifest=str(folder), output=str(output)), log=lambda _: None)
+    assert (first.total, first.done, first.skipped) == (2, 2, 0)
+    rendered = {path.name: path.stat().st_mtime_ns for path in (output / "videos").iterdir()}
+
+    write_manifest(folder / "2026-11-24.parquet", GOOD[2:])  # other columns: num_inference_steps, no seed or fps
+    second = run_job(JobConfig(manifest=f"{folder}/*.parquet", output=str(output)), log=lambda _: None)
+    assert (second.total, second.done, second.skipped, second.failed) == (3, 3, 2, 0)
+    assert all((output / "videos" / name).stat().st_mtime_ns == mtime for name, mtime in rendered.items())
+
+    nothing_new = run_job(JobConfig(manifest=str(folder), output=str(output)), log=lambda _: None)
+    assert (nothing_new.total, nothing_new.done, nothing_new.skipped, nothing_new.failed) == (3, 3, 3, 0)
+
+    # The index is the rendered dataset: readable by Ray Data (and pandas), one row per video, checksums that match.
+    index = ray.data.read_parquet(str(output / "results")).to_pandas().set_index("id")
+    assert sorted(index.index) == sorted(EXPECTED) and set(index.status) == {"done"}
+    for video_id, row in index.iterrows():
+        assert row.checksum == hashlib.sha256(Path(row.uri).read_bytes()).hexdigest()
+        assert (row.num_frames, row.height, row.width, row.fps) == EXPECTED[video_id]
+    assert json.loads(index.loc["gamma.v2"].params)["num_inference_steps"] == 2

@@ -1,4 +1,5 @@
-"""`ray job submit --working-dir . -- python jobs/render.py ...` against a real `ray start --head`."""
+"""`ray job submit --working-dir . --runtime-env deploy/runtime_env.yaml -- python jobs/render.py ...` against a real
+`ray start --head`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+from ray.job_submission import JobSubmissionClient
 
 from tests.conftest import REPO, decode
 from tests.ray_head import ray_head
@@ -27,6 +30,8 @@ def test_job_submission_renders_the_example_manifest(tmp_path: Path, model_cache
                 head.dashboard,
                 "--working-dir",
                 ".",
+                "--runtime-env",
+                "deploy/runtime_env.yaml",
                 "--",
                 "python",
                 "jobs/render.py",
@@ -40,10 +45,16 @@ def test_job_submission_renders_the_example_manifest(tmp_path: Path, model_cache
             text=True,
             timeout=600,
         )
+        (job,) = JobSubmissionClient(head.dashboard).list_jobs()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The job's own output reaches `ray job submit` (and `ray job logs`).
     assert "videos 5/5 (0 failed), segments 7/7" in result.stdout
     assert "succeeded" in result.stdout
+    # The job ran under the runtime env file, merged with the uploaded working dir.
+    runtime_env = yaml.safe_load((REPO / "deploy" / "runtime_env.yaml").read_text())
+    assert job.runtime_env["env_vars"] == runtime_env["env_vars"]
+    assert job.runtime_env["excludes"] == runtime_env["excludes"]
+    assert job.runtime_env["working_dir"].startswith("gcs://")
     manifest = pd.read_parquet(REPO / "examples" / "manifest.parquet")
     results = pd.read_parquet(output / "results").set_index("id")
     assert sorted(results.index) == sorted(manifest.id) and set(results.status) == {"done"}
