@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-import pandas as pd
+from skyreels_batch.manifest import write_manifest
 
 ROWS = [
     {"id": "cat-baking", "prompt": "A cat and a dog baking a cake together in a sunny kitchen.", "seed": 42},
@@ -37,10 +37,6 @@ ROWS = [
         ],
     },
 ]
-INTEGER_COLUMNS = ["seed", "fps", "num_frames", "height", "width", "base_num_frames", "overlap_history"]
 
 if __name__ == "__main__":
-    frame = pd.DataFrame(ROWS).astype({column: "Int64" for column in INTEGER_COLUMNS})
-    path = Path(__file__).with_name("manifest.parquet")
-    frame.to_parquet(path, index=False)
-    print(path)
+    print(write_manifest(Path(__file__).with_name("manifest.parquet"), ROWS))

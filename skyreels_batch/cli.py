@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from skyreels_batch.config import JobConfig
+from skyreels_batch.config import JobConfig, PipelineOptions
 from skyreels_batch.manifest import ManifestError
 from skyreels_batch.models import UnknownModelError
 from skyreels_batch.schema import manifest_columns
@@ -37,6 +37,15 @@ def parse_resource(value: str) -> tuple[str, float]:
         return name, float(amount or 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--render-resource wants NAME or NAME=AMOUNT, got {value!r}") from None
+
+
+def parse_attention_backend(value: str) -> str:
+    from diffusers.models.attention_dispatch import AttentionBackendName  # only when the flag is given
+
+    names = sorted(backend.value for backend in AttentionBackendName)
+    if value not in names:
+        raise argparse.ArgumentTypeError(f"--attention-backend wants one of {', '.join(names)}; got {value!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,11 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="where render actors run (default: cuda when the cluster has GPUs)",
     )
     parser.add_argument(
+        "--manifest-order",
+        action="store_true",
+        help="render rows in manifest order instead of longest first (the most work first finishes sooner)",
+    )
+    parser.add_argument(
         "--offload",
         choices=["none", "model", "group"],
         default="none",
         help="keep weights in host memory, moving whole models (model) or layer groups (group) to the GPU as they "
         "run, for GPUs smaller than the checkpoint (default none)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer's repeated blocks (regional compilation) in each actor",
+    )
+    parser.add_argument(
+        "--attention-backend",
+        type=parse_attention_backend,
+        metavar="NAME",
+        help="diffusers attention backend of the transformer, e.g. flash, _flash_3, sage, native (default: diffusers')",
     )
     return parser
 
@@ -128,9 +153,8 @@ def dry_run(config: JobConfig) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_DONE
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = JobConfig(
+def job_config(args: argparse.Namespace) -> JobConfig:
+    return JobConfig(
         manifest=args.manifest,
         output=args.output,
         model=args.model,
@@ -142,9 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         save_latents=args.save_latents,
         max_retries=args.max_retries,
         device=args.device,
-        offload=args.offload,
+        pipeline=PipelineOptions(offload=args.offload, compile=args.compile, attention_backend=args.attention_backend),
+        longest_first=not args.manifest_order,
         render_resources=dict(args.render_resource),
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = job_config(args)
     from skyreels_batch.pipeline import run_job  # Ray and torch load only once the flags are good
 
     try:

@@ -10,6 +10,22 @@ from pydantic import BaseModel, ConfigDict, Field
 Offload = Literal["none", "model", "group"]
 
 
+class PipelineOptions(BaseModel):
+    """How each render actor sets up its pipeline, once, when it loads it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    offload: Offload = Field(
+        default="none",
+        description="Keep weights in host memory and move them to the device as they run: whole models "
+        "(enable_model_cpu_offload) or groups of layers (group offloading); for GPUs too small for the checkpoint.",
+    )
+    compile: bool = Field(default=False, description="torch.compile the transformer's repeated blocks.")
+    attention_backend: str | None = Field(
+        default=None, description="diffusers attention backend of the transformer (None: diffusers' default)."
+    )
+
+
 class JobConfig(BaseModel):
     """Everything a render job needs to know, built from the command line."""
 
@@ -28,10 +44,9 @@ class JobConfig(BaseModel):
         default=3, ge=0, description="Retries of a row whose render actor died (preemption, OOM, crash)."
     )
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where render actors run.")
-    offload: Offload = Field(
-        default="none",
-        description="Keep weights in host memory and move them to the device as they run: whole models "
-        "(enable_model_cpu_offload) or groups of layers (group offloading); for GPUs too small for the checkpoint.",
+    pipeline: PipelineOptions = Field(default_factory=lambda: PipelineOptions())
+    longest_first: bool = Field(
+        default=True, description="Render the videos with the most work first (False: manifest order)."
     )
     render_resources: dict[str, float] = Field(
         default_factory=dict,
@@ -47,7 +62,6 @@ class Resources(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     device: Literal["cuda", "cpu"]
-    offload: Offload = "none"
     min_workers: int
     max_workers: int
     render_num_gpus: float
@@ -68,7 +82,6 @@ def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
         max_workers = config.max_workers or max(gpus, config.min_workers)
         return Resources(
             device="cuda",
-            offload=config.offload,
             min_workers=config.min_workers,
             max_workers=max_workers,
             render_num_gpus=1,
@@ -81,7 +94,6 @@ def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
     share = 0.75 * cpus / max_workers
     return Resources(
         device="cpu",
-        offload=config.offload,
         min_workers=min(config.min_workers, max_workers),
         max_workers=max_workers,
         render_num_gpus=0,

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import fsspec
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -98,3 +102,19 @@ def _parquet_files(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[s
     if not files:
         raise ManifestError(f"manifest {uri} matches no Parquet files")
     return files
+
+
+def write_manifest(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Rows as a Parquet manifest file. Integer columns are nullable int64: a row that leaves one out stays null
+    (its model default) instead of turning the column into floats."""
+    frame = pd.DataFrame(rows)
+    integers = [name for name in frame.columns if name in _integer_fields()]
+    frame.astype({name: "Int64" for name in integers}).to_parquet(path, index=False)
+    return path
+
+
+def _integer_fields() -> set[str]:
+    def is_integer(annotation: Any) -> bool:
+        return annotation is int or int in typing.get_args(annotation)
+
+    return {name for name, field in ManifestRow.model_fields.items() if is_integer(field.annotation)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 from collections import Counter
@@ -11,11 +12,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import ray
+from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from skyreels_batch import storage
-from skyreels_batch.config import JobConfig, Resources, plan_resources
+from skyreels_batch.config import JobConfig, PipelineOptions, Resources, plan_resources
 from skyreels_batch.manifest import Manifest, open_manifest, read_rows
 from skyreels_batch.models import ModelCard, card_for
 from skyreels_batch.progress import start_segment_counter
@@ -106,13 +108,31 @@ def _run(
     writer = WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents)
 
     def render_and_write(pending: Dataset) -> Dataset:
+        blocks = schedule(pending.to_arrow_refs(), longest_first=config.longest_first)
         with render_pass_context():  # only here: a failed read or validation must fail the job, not drop rows
-            pending = ray.data.from_arrow_refs(pending.to_arrow_refs())
-        rendered = render_videos(pending, card, output, resources, progress.counter)
+            pending = ray.data.from_arrow_refs(blocks)
+        rendered = render_videos(pending, card, output, resources, config.pipeline, progress.counter)
         return rendered.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=resources.write_num_cpus)
 
     summary = collect_results(rows, render_and_write, output, progress, log, config.max_retries)
     return dataclasses.replace(summary, total=manifest.num_rows, done=summary.done + skipped, skipped=skipped)
+
+
+def schedule(blocks: list[ObjectRef], *, longest_first: bool) -> list[ObjectRef]:
+    """The order videos reach the render pool in (one row per block). Longest first: the most work (transformer
+    passes from the plan times pixels per frame) starts first, so a long video does not start last and run alone
+    while the other actors idle. Failed rows cost nothing and go first; ties keep manifest order."""
+    if not longest_first:
+        return blocks
+    rows = [table.to_pylist()[0] for table in ray.get(blocks)]  # one small row each: id, params JSON, plan cost
+    return [block for _, block in sorted(zip(map(render_work, rows), blocks, strict=True), key=lambda x: -x[0])]
+
+
+def render_work(row: dict) -> int:
+    if row["error"]:
+        return 0
+    params = json.loads(row["params"])
+    return row["cost"] * params["height"] * params["width"]
 
 
 def plan_job(config: JobConfig) -> Iterator[dict]:
@@ -143,14 +163,21 @@ def read_manifest(manifest: Manifest, resources: Resources) -> Dataset:
     )
 
 
-def render_videos(rows: Dataset, card: ModelCard, output: str, resources: Resources, progress: ActorHandle) -> Dataset:
+def render_videos(
+    rows: Dataset,
+    card: ModelCard,
+    output: str,
+    resources: Resources,
+    options: PipelineOptions,
+    progress: ActorHandle,
+) -> Dataset:
     return rows.map_batches(
         RenderVideos,
         fn_constructor_kwargs=dict(
             card=card,
             output=output,
             device=resources.device,
-            offload=resources.offload,
+            options=options,
             torch_threads=resources.torch_threads,
             progress=progress,
         ),

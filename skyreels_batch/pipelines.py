@@ -14,7 +14,7 @@ import transformers
 from diffusers import AutoencoderKLWan, DiffusionPipeline
 from diffusers.hooks import apply_group_offloading
 
-from skyreels_batch.config import Offload
+from skyreels_batch.config import Offload, PipelineOptions
 from skyreels_batch.models import ModelCard
 from skyreels_batch.schema import RenderParams
 
@@ -28,7 +28,8 @@ def model_source(card: ModelCard) -> str:
     return card.path or card.name
 
 
-def load_pipeline(card: ModelCard, device: str, offload: Offload = "none") -> DiffusionPipeline:
+def load_pipeline(card: ModelCard, device: str, options: PipelineOptions | None = None) -> DiffusionPipeline:
+    options = options or PipelineOptions()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     pipeline_class = getattr(diffusers, card.pipeline_class_name)
@@ -40,11 +41,22 @@ def load_pipeline(card: ModelCard, device: str, offload: Offload = "none") -> Di
     else:
         pipeline = pipeline_class.from_pretrained(source, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
+    if options.attention_backend:
+        pipeline.transformer.set_attention_backend(options.attention_backend)
+    place(pipeline, device, options.offload)
+    if options.compile:
+        # Regional compilation (diffusers' recommended form): the repeated block is compiled once and the code is
+        # reused by every layer, a much shorter compile than the whole model's for the same kernels.
+        pipeline.transformer.compile_repeated_blocks(fullgraph=True)
+    return pipeline
+
+
+def place(pipeline: DiffusionPipeline, device: str, offload: Offload) -> None:
+    """Put the pipeline's models on the device, or keep their weights in host memory (offload)."""
     if offload == "model":
         # Each model moves to the device when it runs and the previous one in `model_cpu_offload_seq` leaves.
         pipeline.enable_model_cpu_offload(device=device)
-        return pipeline
-    if offload == "group":
+    elif offload == "group":
         # As diffusers' Wan docs (the same components): text encoder in groups of 4 blocks, transformer leaf by leaf
         # with transfers overlapped on a CUDA stream; the VAE and image encoder are small and stay on the device.
         onload = torch.device(device)
@@ -57,8 +69,8 @@ def load_pipeline(card: ModelCard, device: str, offload: Offload = "none") -> Di
         for component in (pipeline.vae, getattr(pipeline, "image_encoder", None)):
             if component is not None:
                 component.to(device)
-        return pipeline
-    return pipeline.to(device)
+    else:
+        pipeline.to(device)
 
 
 def use_shift(pipeline: DiffusionPipeline, shift: float) -> None:

@@ -32,7 +32,9 @@ RESULTS = pa.schema(
         ("latents_uri", pa.string()),
         ("num_segments", pa.int64()),
         ("resumed_segments", pa.int64()),
+        ("render_started", pa.timestamp("ms", tz="UTC")),
         ("render_s", pa.float64()),
+        ("transformer_s", pa.float64()),
         ("encode_s", pa.float64()),
     ]
 )

@@ -10,8 +10,9 @@ from pathlib import Path
 import av
 import boto3
 import numpy as np
-import pandas as pd
 import pytest
+
+from skyreels_batch.manifest import write_manifest  # noqa: F401 - re-exported for the tests
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "renders"
@@ -53,15 +54,6 @@ def ray_local(s3_endpoint: str, model_cache: Path) -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def write_manifest(path: Path, rows: list[dict]) -> Path:
-    frame = pd.DataFrame(rows)
-    for column in ("seed", "num_frames", "height", "width", "fps", "num_inference_steps"):
-        if column in frame:
-            frame[column] = frame[column].astype("Int64")
-    frame.to_parquet(path, index=False)
-    return path
 
 
 def decode(source) -> tuple[np.ndarray, float]:

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from skyreels_batch.cli import build_parser, parse_resource, parse_workers
-from skyreels_batch.config import JobConfig, plan_resources
+from skyreels_batch.cli import build_parser, job_config, parse_resource, parse_workers
+from skyreels_batch.config import JobConfig, PipelineOptions, plan_resources
 
 
 def test_cpu_cluster_gets_fractional_cpus_leaving_room_for_reads() -> None:
@@ -51,11 +51,14 @@ def test_render_resources_reach_the_render_pool_on_cpu_and_gpu_clusters() -> Non
     assert plan_resources(config, {"CPU": 8.0, "GPU": 1.0}).render_resources == {"render": 1.0}
 
 
-def test_offload_flag_reaches_the_render_actors_and_rejects_unknown_kinds(capsys: pytest.CaptureFixture) -> None:
-    args = build_parser().parse_args(["m.parquet", "--offload", "group"])
-    config = JobConfig(manifest="m", offload=args.offload)
-    assert plan_resources(config, {"CPU": 8.0, "GPU": 1.0}).offload == "group"
-    assert plan_resources(JobConfig(manifest="m"), {"CPU": 2.0}).offload == "none"
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["m.parquet", "--offload", "sequential"])
-    assert "invalid choice" in capsys.readouterr().err
+def test_pipeline_flags_reach_the_job_config_and_bad_values_are_refused(capsys: pytest.CaptureFixture) -> None:
+    args = ["m.parquet", "--offload", "group", "--compile", "--attention-backend", "_native_math"]
+    config = job_config(build_parser().parse_args(args))
+    assert config.pipeline == PipelineOptions(offload="group", compile=True, attention_backend="_native_math")
+    assert job_config(build_parser().parse_args(["m.parquet"])).pipeline == PipelineOptions()
+    assert job_config(build_parser().parse_args(["m.parquet", "--manifest-order"])).longest_first is False
+    for bad in (["--offload", "sequential"], ["--attention-backend", "fastest"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["m.parquet", *bad])
+    errors = capsys.readouterr().err
+    assert "invalid choice: 'sequential'" in errors and "_native_math" in errors  # the valid names are listed

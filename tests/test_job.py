@@ -72,6 +72,7 @@ def test_results_index_has_one_row_per_manifest_row(local_run) -> None:
         assert row.uri == str(output / "videos" / f"{video_id}.mp4")
         assert (row.num_frames, row.height, row.width, row.fps) == (num_frames, height, width, fps)
         assert row.model == "tiny-df" and row.render_s > 0 and row.encode_s > 0
+        assert 0 < row.transformer_s < row.render_s
         params = json.loads(row.params)
         assert params["seed"] == row.seed and params["num_frames"] == num_frames
     assert results.loc["alpha"].seed == 1
@@ -206,3 +207,27 @@ def test_a_nightly_run_over_a_growing_folder_renders_only_the_new_rows(ray_local
         assert row.checksum == hashlib.sha256(Path(row.uri).read_bytes()).hexdigest()
         assert (row.num_frames, row.height, row.width, row.fps) == EXPECTED[video_id]
     assert json.loads(index.loc["gamma.v2"].params)["num_inference_steps"] == 2
+
+
+@pytest.mark.parametrize(("longest_first", "expected"), [(True, ["large", "medium", "small"]), (False, None)])
+def test_videos_start_longest_first_unless_manifest_order_is_asked(
+    ray_local: None, tmp_path: Path, longest_first: bool, expected: list[str] | None
+) -> None:
+    rows = [
+        {"id": "small", "prompt": "a", "num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2},
+        {"id": "medium", "prompt": "b", "num_frames": 9, "height": 32, "width": 48},
+        {
+            "id": "large",
+            "prompt": "c",
+            "num_frames": 41,
+            "height": 32,
+            "width": 32,
+            "base_num_frames": 17,
+            "overlap_history": 5,
+        },
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    config = JobConfig(manifest=str(manifest), output=str(tmp_path / "out"), longest_first=longest_first)
+    assert run_job(config, log=lambda _: None).done == 3
+    started = pd.read_parquet(tmp_path / "out" / "results").sort_values("render_started").id.tolist()
+    assert started == (expected or [row["id"] for row in rows])  # one actor: start order is render order

@@ -1,7 +1,7 @@
-"""--offload: the same frames with weights kept in host memory, through diffusers' offload hooks.
+"""Pipeline options applied once per actor: --offload, --attention-backend, --compile.
 
-On this CPU-only machine host and device are the same memory, so these tests show the hooks are installed and
-driven (including by the streaming decoder, which calls the VAE's parts directly), not the memory they save."""
+On this CPU-only machine host and device are the same memory, so the offload tests show the hooks are installed
+and driven (including by the streaming decoder, which calls the VAE's parts directly), not the memory they save."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
+from skyreels_batch.config import PipelineOptions
 from skyreels_batch.models import card_for
 from skyreels_batch.stages.render import RenderVideos
 from tests.test_modes import ROW, render
@@ -18,20 +19,21 @@ from tests.test_modes import ROW, render
 LONG_ROW = {**ROW, "id": "long", "num_frames": 45, "base_num_frames": 21, "overlap_history": 9}
 
 
-def stage(output: Path, offload: str) -> RenderVideos:
-    return RenderVideos(card_for("tiny-df"), output=str(output), device="cpu", torch_threads=2, offload=offload)
+def stage(output: Path, **options) -> RenderVideos:
+    card = card_for("tiny-df")
+    return RenderVideos(card, output=str(output), device="cpu", torch_threads=2, options=PipelineOptions(**options))
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
-    plain = stage(tmp_path_factory.mktemp("none"), "none")
+    plain = stage(tmp_path_factory.mktemp("none"))
     return {row["id"]: render(plain, plain.card, row) for row in (ROW, LONG_ROW)}
 
 
 def test_model_offload_renders_the_same_frames_and_the_decoder_onloads_the_vae(
     reference: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
-    offloaded = stage(tmp_path, "model")
+    offloaded = stage(tmp_path, offload="model")
     vae = offloaded.pipeline.vae
     onloads = []
     pre_forward = vae._hf_hook.pre_forward
@@ -43,9 +45,20 @@ def test_model_offload_renders_the_same_frames_and_the_decoder_onloads_the_vae(
 
 
 def test_group_offload_renders_the_same_frames(reference: dict[str, np.ndarray], tmp_path: Path) -> None:
-    offloaded = stage(tmp_path, "group")
+    offloaded = stage(tmp_path, offload="group")
     assert _is_group_offload_enabled(offloaded.pipeline.transformer)
     assert _is_group_offload_enabled(offloaded.pipeline.text_encoder)
     assert not _is_group_offload_enabled(offloaded.pipeline.vae)
     for row in (ROW, LONG_ROW):
         assert np.array_equal(render(offloaded, offloaded.card, row), reference[row["id"]]), row["id"]
+
+
+def test_an_attention_backend_is_set_on_the_transformer_and_renders_the_same_video(
+    reference: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    math = stage(tmp_path, attention_backend="_native_math")  # PyTorch's reference SDPA kernel, on any device
+    backends = {block.attn1.processor._attention_backend for block in math.pipeline.transformer.blocks}
+    assert backends == {"_native_math"}
+    for row in (ROW, LONG_ROW):
+        difference = np.abs(render(math, math.card, row).astype(int) - reference[row["id"]]).max()
+        assert difference <= 2, row["id"]  # the same attention, summed in another order

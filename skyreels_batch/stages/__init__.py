@@ -26,7 +26,15 @@ VALIDATED = pa.schema(
         ("cost", pa.int64()),
     ]
 )
-RENDERED = pa.schema([*VALIDATED, pa.field("resumed_segments", pa.int64()), pa.field("render_s", pa.float64())])
+RENDERED = pa.schema(
+    [
+        *VALIDATED,
+        pa.field("resumed_segments", pa.int64()),
+        pa.field("render_started", pa.timestamp("ms", tz="UTC")),
+        pa.field("render_s", pa.float64()),
+        pa.field("transformer_s", pa.float64()),
+    ]
+)
 WRITTEN = pa.schema(
     [
         *RENDERED,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 from ray.actor import ActorHandle
 
-from skyreels_batch.config import Offload
+from skyreels_batch.config import PipelineOptions
 from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment, encode_prompts
 from skyreels_batch.inputs import (
     InputError,
@@ -26,6 +27,7 @@ from skyreels_batch.plan import Segment, VideoPlan
 from skyreels_batch.schema import SPATIAL_MULTIPLE, RenderParams, check_size, plan_for
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import RENDERED, RowStage
+from skyreels_batch.timing import ForwardTimer
 from skyreels_batch.video import to_uint8
 
 
@@ -48,18 +50,20 @@ class RenderVideos(RowStage):
         output: str,
         device: str,
         torch_threads: int,
-        offload: Offload = "none",
+        options: PipelineOptions | None = None,
         progress: ActorHandle | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
         self.card = card
         self.output = output
         self.progress = progress
-        self.pipeline = load_pipeline(card, device, offload)
+        self.pipeline = load_pipeline(card, device, options)
+        self.transformer_timer = ForwardTimer(self.pipeline.transformer)
         self.adapters: dict[str, str] = {}  # LoRA URI -> adapter name: each LoRA is loaded once per actor
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
-        started = time.perf_counter()
+        started_at = datetime.now(timezone.utc)
+        started, transformer_before = time.perf_counter(), self.transformer_timer.seconds
         params, conditioning = self._conditioning(params)
         plan = plan_for(params)
         store = SegmentStore(self.output, params.id)
@@ -96,7 +100,9 @@ class RenderVideos(RowStage):
             "params": params.model_dump_json(),
             "num_segments": len(plan.segments),
             "resumed_segments": resumed,
+            "render_started": started_at,
             "render_s": time.perf_counter() - started,
+            "transformer_s": self.transformer_timer.seconds - transformer_before,
         }
 
     def _denoise(
