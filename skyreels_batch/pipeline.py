@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 15.0
 
+Video = tuple[dict, ObjectRef]  # a validated row and its one-row block in the object store
+
 
 @dataclass(frozen=True)
 class JobSummary:
@@ -100,32 +102,44 @@ def _run(
     # coalesces small blocks, and a block is one actor task, so this is what spreads videos over the pool (and
     # confines a task that gives up to its own row).
     rows = rows.filter(lambda row: not row["skipped"])
-    rows = rows.repartition(target_num_rows_per_block=1, strict=True).materialize()
-    skipped = manifest.num_rows - rows.count()
+    videos = rows_on_driver(rows.repartition(target_num_rows_per_block=1, strict=True))
+    skipped = manifest.num_rows - len(videos)
     if skipped:
         log(f"skipping {skipped} rows already done in {output}")
-    progress = Progress(total_videos=rows.count(), total_segments=int(rows.sum("num_segments") or 0), log=log)
+    segments = sum(row["num_segments"] or 0 for row, _ in videos)
+    progress = Progress(total_videos=len(videos), total_segments=segments, log=log)
     writer = WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents)
 
-    def render_and_write(pending: Dataset) -> Dataset:
-        blocks = schedule(pending.to_arrow_refs(), longest_first=config.longest_first)
+    def render_and_write(pending: list[Video]) -> Dataset:
+        blocks = [block for _, block in schedule(pending, longest_first=config.longest_first)]
         with render_pass_context():  # only here: a failed read or validation must fail the job, not drop rows
-            pending = ray.data.from_arrow_refs(blocks)
-        rendered = render_videos(pending, card, output, resources, config.pipeline, progress.counter)
+            source = ray.data.from_arrow_refs(blocks)
+        rendered = render_videos(source, card, output, resources, config.pipeline, progress.counter)
         return rendered.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=resources.write_num_cpus)
 
-    summary = collect_results(rows, render_and_write, output, progress, log, config.max_retries)
+    summary = collect_results(videos, render_and_write, output, progress, log, config.max_retries)
     return dataclasses.replace(summary, total=manifest.num_rows, done=summary.done + skipped, skipped=skipped)
 
 
-def schedule(blocks: list[ObjectRef], *, longest_first: bool) -> list[ObjectRef]:
-    """The order videos reach the render pool in (one row per block). Longest first: the most work (transformer
-    passes from the plan times pixels per frame) starts first, so a long video does not start last and run alone
-    while the other actors idle. Failed rows cost nothing and go first; ties keep manifest order."""
+def rows_on_driver(rows: Dataset) -> list[Video]:
+    """Each validated row with its one-row block. The rows are small (id, parameters, plan), so the driver keeps
+    them: scheduling, progress totals and retries then need no further Ray Data passes over them."""
+    blocks = rows.materialize().to_arrow_refs()
+    videos = []
+    for block, table in zip(blocks, ray.get(blocks), strict=True):
+        if table.num_rows > 1:
+            raise RuntimeError(f"expected one row per block after repartitioning, got {table.num_rows}")
+        videos += [(row, block) for row in table.to_pylist()]
+    return videos
+
+
+def schedule(videos: list[Video], *, longest_first: bool) -> list[Video]:
+    """The order videos reach the render pool in. Longest first: the most work (transformer passes from the plan
+    times pixels per frame) starts first, so a long video does not start last and run alone while the other
+    actors idle. Failed rows cost nothing and go first; ties keep manifest order."""
     if not longest_first:
-        return blocks
-    rows = [table.to_pylist()[0] for table in ray.get(blocks)]  # one small row each: id, params JSON, plan cost
-    return [block for _, block in sorted(zip(map(render_work, rows), blocks, strict=True), key=lambda x: -x[0])]
+        return videos
+    return sorted(videos, key=lambda video: -render_work(video[0]))
 
 
 def render_work(row: dict) -> int:
@@ -245,8 +259,8 @@ def record(results: list[dict], result: dict, progress: Progress, log: Callable[
 
 
 def collect_results(
-    rows: Dataset,
-    render_and_write: Callable[[Dataset], Dataset],
+    videos: list[Video],
+    render_and_write: Callable[[list[Video]], Dataset],
     output: str,
     progress: Progress,
     log: Callable[[str], None],
@@ -258,15 +272,14 @@ def collect_results(
     next round, up to max_retries more, resuming from its persisted segments, and is then recorded as failed.
     """
     results: list[dict] = []
-    lost = set(rows.select_columns(["id"]).to_pandas()["id"]) if rows.count() else set()
+    lost = {row["id"] for row, _ in videos}
     try:
         for attempt in range(max_retries + 1):
             if not lost:
                 break
-            pending = rows
             if attempt:
                 log(f"{len(lost)} rows lost their render actor; attempt {attempt + 1} of {max_retries + 1}")
-                pending = rows.filter(lambda row, lost=frozenset(lost): row["id"] in lost).materialize()
+            pending = [video for video in videos if video[0]["id"] in lost]
             for batch in render_and_write(pending).iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
                     record(results, result_row(row), progress, log)

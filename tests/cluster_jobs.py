@@ -32,7 +32,7 @@ NODE_REMOVAL_ROWS = [
     {
         "id": f"take-{seed}",
         "prompt": "a drone flight along a coast",
-        "num_frames": 121,
+        "num_frames": 241,
         "base_num_frames": 17,
         "overlap_history": 5,
         "height": 32,
@@ -53,6 +53,11 @@ def render_actor_nodes() -> set[str]:
     return {actor.node_id for actor in render_actors()}
 
 
+def videos_in_progress(output: Path, *, segments: range) -> int:
+    folders = output.glob("_segments/*")
+    return sum(len(list(folder.glob("*.safetensors"))) in segments for folder in folders)
+
+
 def node_removal(base: Path) -> dict:
     """Two render nodes (custom resource `render`) and a head that takes no render work; once segments are being
     written, one render node is killed without warning, as a preempted instance is."""
@@ -64,7 +69,9 @@ def node_removal(base: Path) -> dict:
     seen: dict = {}
 
     def remove_a_render_node() -> None:
-        while len(hosts := render_actor_nodes()) < 2 or len(list(output.glob("_segments/*/*.safetensors"))) < 2:
+        # Both actors mid-video (20 segments each) with segments persisted: whichever node goes, its video is
+        # still rendering and has some to resume.
+        while len(hosts := render_actor_nodes()) < 2 or videos_in_progress(output, segments=range(2, 17)) < 2:
             time.sleep(0.1)
         victim = next(node for node in workers if node.node_id in hosts)
         seen["render_nodes_before"] = len(hosts)
@@ -91,9 +98,7 @@ def node_removal(base: Path) -> dict:
     return {**seen, "done": summary.done, "failed": summary.failed, "log": lines}
 
 
-AUTOSCALING_ROWS = [
-    {**NODE_REMOVAL_ROWS[0], "id": f"auto-{seed}", "seed": seed, "num_frames": 241} for seed in range(6)
-]
+AUTOSCALING_ROWS = [{**NODE_REMOVAL_ROWS[0], "id": f"auto-{seed}", "seed": seed} for seed in range(10)]
 
 
 def fake_multinode_config(gcs_address: str, max_render_nodes: int) -> dict:

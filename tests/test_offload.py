@@ -62,3 +62,12 @@ def test_an_attention_backend_is_set_on_the_transformer_and_renders_the_same_vid
     for row in (ROW, LONG_ROW):
         difference = np.abs(render(math, math.card, row).astype(int) - reference[row["id"]]).max()
         assert difference <= 2, row["id"]  # the same attention, summed in another order
+
+
+@pytest.mark.slow
+def test_compiled_transformer_blocks_render_the_same_video(reference: dict[str, np.ndarray], tmp_path: Path) -> None:
+    compiled = stage(tmp_path, compile=True)
+    blocks = compiled.pipeline.transformer.blocks
+    assert all(block._compiled_call_impl is not None for block in blocks), "every repeated block is compiled"
+    difference = np.abs(render(compiled, compiled.card, ROW).astype(int) - reference[ROW["id"]]).max()
+    assert difference <= 2  # the same computation, fused and summed in another order
