@@ -136,7 +136,7 @@ def rows_on_driver(rows: Dataset) -> list[Video]:
 def schedule(videos: list[Video], *, longest_first: bool) -> list[Video]:
     """The order videos reach the render pool in. Longest first: the most work (transformer passes from the plan
     times pixels per frame) starts first, so a long video does not start last and run alone while the other
-    actors idle. Failed rows cost nothing and go first; ties keep manifest order."""
+    actors idle. Failed rows cost nothing and go last; ties keep the order the rows were read in."""
     if not longest_first:
         return videos
     return sorted(videos, key=lambda video: -render_work(video[0]))
