@@ -42,41 +42,55 @@ def run_job(manifest: Path, output: Path, *, model: str, workers: int, longest_f
         "transformer_s": float(index.transformer_s.sum()),
         "busy_s": float(index.render_s.sum()),
         "pool_s": span * workers,  # the pool's time from the first render's start to the last one's end
+        "phase_s": span,
     }
 
 
 def job_row(
-    manifest: Path, work: Path, *, model: str, workers: int, longest_first: bool, baseline: float | None
-) -> dict:
-    """One table row: the job run with `workers` actors, compared with a baseline wall time."""
+    manifest: Path, work: Path, *, model: str, workers: int, longest_first: bool, baseline: dict | None
+) -> tuple[dict, dict]:
+    """The job run with `workers` actors: its table row, compared with a baseline run, and the run itself."""
     order = "longest first" if longest_first else "manifest"
     output = work / f"job-{workers}-{order.replace(' ', '-')}"
     run = run_job(manifest, output, model=model, workers=workers, longest_first=longest_first)
     print(f"done: {workers} actors, {order}", flush=True)
-    return summarize("this job", run, baseline, actors=workers, order=order)
+    return summarize("this job", run, baseline, actors=workers, order=order), run
 
 
-def run_plain(manifest: Path, output: Path, *, model: str) -> dict:
-    """The loop a diffusers user writes, in a fresh process (bench/plain_loop.py)."""
+def run_plain(manifest: Path, output: Path, *, model: str, processes: int = 1) -> dict:
+    """The loop a diffusers user writes (bench/plain_loop.py) in fresh processes: one with every core, or
+    `processes` at once, each with its share of the cores and of the manifest's rows (every n-th row)."""
+    rows = pd.read_parquet(manifest)
+    commands = []
+    for index in range(processes):
+        part = manifest if processes == 1 else manifest.with_name(f"{manifest.stem}-{index}-of-{processes}.parquet")
+        if processes > 1:
+            rows.iloc[index::processes].to_parquet(part)
+        command = [sys.executable, "bench/plain_loop.py", str(part), str(output), "--model", model]
+        commands.append(command + ([] if processes == 1 else ["--threads", str(max(1, os.cpu_count() // processes))]))
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "bench/plain_loop.py", str(manifest), str(output), "--model", model],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    running = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) for command in commands]
+    outputs = [process.communicate()[0] for process in running]
     wall = time.perf_counter() - started
-    return {"wall_s": wall, **json.loads(result.stdout.strip().splitlines()[-1])}
+    assert all(process.returncode == 0 for process in running), "a plain loop failed"
+    runs = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    total = {key: sum(run[key] for run in runs) for key in ("videos", "transformer_s", "busy_s", "pool_s")}
+    return {"wall_s": wall, **total, "phase_s": max(run["phase_s"] for run in runs)}
 
 
-def summarize(name: str, run: dict, baseline_wall: float | None, **labels) -> dict:
+def summarize(name: str, run: dict, baseline: dict | None, **labels) -> dict:
+    """One table row. `start_s`: the wall time before the first video starts rendering (process and Ray start,
+    validation, model load; for the job also its last MP4 after the last render). `phase_*`: from the first video's
+    start to the last one's end, the rate a long job settles at."""
     return {
         "run": name,
         **labels,
         "wall_s": round(run["wall_s"], 1),
         "videos_per_min": round(60 * run["videos"] / run["wall_s"], 2),
-        "vs_baseline": round(baseline_wall / run["wall_s"], 2) if baseline_wall else 1.0,
+        "vs_baseline": round(baseline["wall_s"] / run["wall_s"], 2) if baseline else 1.0,
+        "start_s": round(run["wall_s"] - run["phase_s"], 1),
+        "phase_videos_per_min": round(60 * run["videos"] / run["phase_s"], 2),
+        "phase_vs_baseline": round(baseline["phase_s"] / run["phase_s"], 2) if baseline else 1.0,
         "transformer_of_busy": round(run["transformer_s"] / run["busy_s"], 3),
         "transformer_of_pool": round(run["transformer_s"] / run["pool_s"], 3),
     }

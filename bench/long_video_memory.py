@@ -59,6 +59,7 @@ def child(mode: str, row: dict) -> None:
         import pyarrow as pa
 
         from skyreels_batch.models import card_for
+        from skyreels_batch.stages.encode import EncodePrompts
         from skyreels_batch.stages.render import RenderVideos
         from skyreels_batch.stages.validate import ValidateRows
         from skyreels_batch.stages.write import WriteVideos
@@ -66,7 +67,8 @@ def child(mode: str, row: dict) -> None:
         card = card_for("tiny-df")
         with tempfile.TemporaryDirectory() as output:
             rows = ValidateRows(card, max_frames=100_000, duplicate_ids=())(pa.Table.from_pylist([row]))
-            rendered = RenderVideos(card, output=output, device="cpu", torch_threads=2)(rows)
+            encoded = EncodePrompts(card, output=output, device="cpu", torch_threads=2)(rows)
+            rendered = RenderVideos(card, output=output, device="cpu", torch_threads=2)(encoded)
             written = WriteVideos(output=output, crf=18, lossless=False)(rendered).to_pylist()[0]
             assert written["error"] is None, written["error"]
             segments = written["num_segments"]

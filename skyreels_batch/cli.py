@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MIN:MAX",
         help="render actor pool size: N, MIN:MAX or MIN:auto (default 1:auto = one per GPU, or 1 without GPUs)",
     )
+    parser.add_argument(
+        "--text-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="text-encoder actors (default 1): each unique prompt is encoded once, render actors get embeddings",
+    )
     parser.add_argument("--crf", type=int, default=18, metavar="N", help="H.264 quality, 0-51, lower is better (18)")
     parser.add_argument("--lossless", action="store_true", help="lossless RGB H.264 (libx264rgb) for masters")
     parser.add_argument(
@@ -160,6 +167,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         model=args.model,
         min_workers=args.workers[0],
         max_workers=args.workers[1],
+        text_workers=args.text_workers,
         crf=args.crf,
         lossless=args.lossless,
         max_frames=args.max_frames,

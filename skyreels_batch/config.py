@@ -36,6 +36,7 @@ class JobConfig(BaseModel):
     model: str = Field(default="tiny-df", description="Registry name or diffusers directory.")
     min_workers: int = Field(default=1, ge=1, description="Render actors kept alive.")
     max_workers: int | None = Field(default=None, ge=1, description="Render actors at most; None: one per GPU.")
+    text_workers: int = Field(default=1, ge=1, description="Text-encoder actors at most.")
     crf: int = Field(default=18, ge=0, le=51, description="H.264 constant rate factor (lower is better).")
     lossless: bool = Field(default=False, description="Lossless RGB H.264 (libx264rgb, crf 0) for masters.")
     max_frames: int = Field(default=1457, ge=1, description="Rows asking for more frames are rejected.")
@@ -55,9 +56,15 @@ class JobConfig(BaseModel):
     )
 
 
+# The text encoder shares a GPU with a render actor (1 - this each): with whole GPUs each, on a one-GPU node
+# whichever pool started first would hold the GPU and the other would wait for it forever.
+TEXT_ENCODER_GPU_SHARE = 0.2
+
+
 class Resources(BaseModel):
     """Ray resources per stage. On CPU-only clusters every stage asks for a fraction of a CPU: a render pool
-    that takes whole CPUs on a 2-core machine leaves nothing for the read tasks and the job stalls."""
+    that takes whole CPUs on a 2-core machine leaves nothing for the read tasks and the job stalls. The render
+    pass (text encoders, render actors, writers) fits the cluster's CPUs at once."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -68,8 +75,10 @@ class Resources(BaseModel):
     render_num_cpus: float
     render_resources: dict[str, float] = {}
     torch_threads: int
+    text_workers: int
+    text_num_gpus: float
+    text_num_cpus: float
     read_num_cpus: float = 0.25
-    validate_num_cpus: float = 0.1
     write_num_cpus: float = 0.25
 
 
@@ -84,20 +93,29 @@ def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
             device="cuda",
             min_workers=config.min_workers,
             max_workers=max_workers,
-            render_num_gpus=1,
+            render_num_gpus=1 - TEXT_ENCODER_GPU_SHARE,
             render_num_cpus=1,
             render_resources=config.render_resources,
             torch_threads=4,
+            text_workers=config.text_workers,
+            text_num_gpus=TEXT_ENCODER_GPU_SHARE,
+            text_num_cpus=1,
         )
     max_workers = config.max_workers or config.min_workers
-    # Leave a quarter of the CPUs to reading, validating and encoding; split the rest between render actors.
+    # Leave a quarter of the CPUs to text encoders and MP4 writers; split the rest between render actors.
     share = 0.75 * cpus / max_workers
     return Resources(
         device="cpu",
         min_workers=min(config.min_workers, max_workers),
         max_workers=max_workers,
         render_num_gpus=0,
-        render_num_cpus=round(min(1.0, share), 2),
+        # At most 3/4 of a CPU: a one-CPU node then holds a render actor and a text encoder beside it. CPU counts
+        # here only place actors; torch_threads decides the cores torch uses.
+        render_num_cpus=round(min(0.75, share), 2),
         render_resources=config.render_resources,
         torch_threads=max(1, int(cpus // max_workers)),
+        text_workers=config.text_workers,
+        text_num_gpus=0,
+        # Idle once every text is encoded: a sliver of a CPU, so the render actors keep theirs.
+        text_num_cpus=round(0.2 / config.text_workers, 2),
     )

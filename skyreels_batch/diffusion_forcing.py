@@ -2,9 +2,10 @@
 
 Why this module reaches inside diffusers: `SkyReelsV2DiffusionForcingPipeline.__call__` renders a long video in
 one call, keeps every segment's latents and decodes the whole video at the end, so memory grows with length and a
-crash loses everything. To run each segment as its own task we call the pipeline's own pieces (`encode_prompt`,
-`prepare_latents`, `generate_timestep_matrix`, the transformer, per-frame scheduler copies) in the order its
-`__call__` does, and nothing else of diffusers is copied. Two deliberate differences:
+crash loses everything. To run each segment as its own task we call the pipeline's own pieces (`prepare_latents`,
+`generate_timestep_matrix`, the transformer, per-frame scheduler copies) in the order its `__call__` does, with
+prompt embeddings from the text-encoding stage (embeddings.py), and nothing else of diffusers is copied. Two
+deliberate differences:
 
 - the `addnoise_condition` noise is drawn from the row's seeded generator (diffusers draws it from torch's global
   RNG, so its long videos are not reproducible);
@@ -42,21 +43,6 @@ def denoising_iterations(
         None, num_latent_frames, step_template, num_latent_frames, ar_step, num_pre_ready, causal_block_size
     )
     return len(step_matrix)
-
-
-@torch.no_grad()
-def encode_prompts(
-    pipeline: SkyReelsV2DiffusionForcingPipeline, prompt: str, negative_prompt: str, guidance_scale: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    positive, negative = pipeline.encode_prompt(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        do_classifier_free_guidance=guidance_scale > 1.0,
-        max_sequence_length=512,
-        device=pipeline._execution_device,
-    )
-    dtype = pipeline.transformer.dtype
-    return positive.to(dtype), None if negative is None else negative.to(dtype)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The whole render job, top to bottom: read -> validate -> render -> write -> index."""
+"""The whole render job, top to bottom: read -> validate -> encode prompts -> render -> write -> index."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from skyreels_batch import storage
 from skyreels_batch.config import JobConfig, PipelineOptions, Resources, plan_resources
+from skyreels_batch.embeddings import embeddings_dir
 from skyreels_batch.manifest import Manifest, open_manifest, read_rows
 from skyreels_batch.models import ModelCard, card_for
 from skyreels_batch.progress import start_segment_counter
 from skyreels_batch.results import finished_requests, result_row, write_index
 from skyreels_batch.schema import RenderParams, plan_for
+from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
@@ -72,15 +74,20 @@ def render_pass_context() -> Iterator[None]:
       row, then reports it as failed.
     - The pool grows once every actor is busy. Ray Data's default threshold (175% of one task per actor) is never
       reached with one video per actor, and a `--workers 1:8` pool would stay at one actor.
+    - Pools are sized by --workers, not by per-operator resource budgets. Ray Data's budgets split the resources
+      the cluster has now between the pass's operators, so a pool never asks for an actor the cluster cannot
+      already place, and the cluster autoscaler, which adds nodes for pending actors, never sees a reason to
+      grow (seen with the text-encoding pool as a third operator: `--workers 1:2` stayed at one actor).
     """
     context = DataContext.get_current()
-    saved = context.max_errored_blocks, context.autoscaling_config
+    saved = context.max_errored_blocks, context.autoscaling_config, context.op_resource_reservation_enabled
     context.max_errored_blocks = -1
     context.autoscaling_config = dataclasses.replace(saved[1], actor_pool_util_upscaling_threshold=1.0)
+    context.op_resource_reservation_enabled = False
     try:
         yield
     finally:
-        context.max_errored_blocks, context.autoscaling_config = saved
+        context.max_errored_blocks, context.autoscaling_config, context.op_resource_reservation_enabled = saved
 
 
 def _run(
@@ -92,17 +99,12 @@ def _run(
     log: Callable[[str], None],
 ) -> JobSummary:
     done = finished_requests(output)
-    rows = read_manifest(manifest, resources)
-    rows = rows.map_batches(
+    rows = read_manifest(manifest, resources).map_batches(
         ValidateRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids, done=done),
         batch_format="pyarrow",
-        num_cpus=resources.validate_num_cpus,
+        num_cpus=resources.read_num_cpus,  # the read's: Ray Data fuses reading and validating into one task
     )
-    # Rows an earlier run finished keep their index rows and are not rendered again. One row per block: Ray Data
-    # coalesces small blocks, and a block is one actor task, so this is what spreads videos over the pool (and
-    # confines a task that gives up to its own row).
-    rows = rows.filter(lambda row: not row["skipped"])
-    videos = rows_on_driver(rows.repartition(target_num_rows_per_block=1, strict=True))
+    videos = rows_on_driver(rows)  # rows an earlier run finished keep their index rows and are not rendered again
     skipped = manifest.num_rows - len(videos)
     if skipped:
         log(f"skipping {skipped} rows already done in {output}")
@@ -114,7 +116,8 @@ def _run(
         blocks = [block for _, block in schedule(pending, longest_first=config.longest_first)]
         with render_pass_context():  # only here: a failed read or validation must fail the job, not drop rows
             source = ray.data.from_arrow_refs(blocks)
-        rendered = render_videos(source, card, output, resources, config.pipeline, progress.counter)
+        encoded = encode_prompts(source, card, output, resources, config.pipeline)
+        rendered = render_videos(encoded, card, output, resources, config.pipeline, progress.counter)
         return rendered.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=resources.write_num_cpus)
 
     summary = collect_results(videos, render_and_write, output, progress, log, config.max_retries)
@@ -122,14 +125,15 @@ def _run(
 
 
 def rows_on_driver(rows: Dataset) -> list[Video]:
-    """Each validated row with its one-row block. The rows are small (id, parameters, plan), so the driver keeps
-    them: scheduling, progress totals and retries then need no further Ray Data passes over them."""
-    blocks = rows.materialize().to_arrow_refs()
+    """Each validated row still to render, with a one-row block of its own in the object store. The rows are small
+    (id, parameters, plan), so the driver keeps them: scheduling, progress totals and retries then need no further
+    Ray Data passes over them. One row per block: a block is one actor task, so this is what spreads videos over
+    the pool (and confines a task that gives up to its own row)."""
     videos = []
-    for block, table in zip(blocks, ray.get(blocks), strict=True):
-        if table.num_rows > 1:
-            raise RuntimeError(f"expected one row per block after repartitioning, got {table.num_rows}")
-        videos += [(row, block) for row in table.to_pylist()]
+    for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for index, row in enumerate(table.to_pylist()):
+            if not row["skipped"]:
+                videos.append((row, ray.put(table.slice(index, 1))))
     return videos
 
 
@@ -177,6 +181,19 @@ def read_manifest(manifest: Manifest, resources: Resources) -> Dataset:
     )
 
 
+def encode_prompts(
+    rows: Dataset, card: ModelCard, output: str, resources: Resources, options: PipelineOptions
+) -> Dataset:
+    return on_actor_pool(
+        rows,
+        EncodePrompts,
+        dict(card=card, output=output, device=resources.device, options=options, torch_threads=1),
+        pool=ActorPoolStrategy(min_size=1, max_size=resources.text_workers),
+        num_gpus=resources.text_num_gpus,
+        num_cpus=resources.text_num_cpus,
+    )
+
+
 def render_videos(
     rows: Dataset,
     card: ModelCard,
@@ -185,9 +202,10 @@ def render_videos(
     options: PipelineOptions,
     progress: ActorHandle,
 ) -> Dataset:
-    return rows.map_batches(
+    return on_actor_pool(
+        rows,
         RenderVideos,
-        fn_constructor_kwargs=dict(
+        dict(
             card=card,
             output=output,
             device=resources.device,
@@ -195,19 +213,39 @@ def render_videos(
             torch_threads=resources.torch_threads,
             progress=progress,
         ),
-        batch_size=1,
-        batch_format="pyarrow",
         # One video at a time per actor: a free actor always takes the next waiting video instead of it queueing
         # behind a busy actor's long one.
-        compute=ActorPoolStrategy(
+        pool=ActorPoolStrategy(
             min_size=resources.min_workers, max_size=resources.max_workers, max_tasks_in_flight_per_actor=1
         ),
         num_gpus=resources.render_num_gpus,
         num_cpus=resources.render_num_cpus,
         resources=resources.render_resources or None,
-        # A dead actor (preempted node, OOM kill) is replaced; its row comes back in the next round of
-        # collect_results. Not retried here: Ray retries against a lost node before it is declared dead, which
-        # spends every retry in a second.
+    )
+
+
+def on_actor_pool(
+    rows: Dataset,
+    stage: type,
+    constructor_kwargs: dict,
+    *,
+    pool: ActorPoolStrategy,
+    num_gpus: float,
+    num_cpus: float,
+    resources: dict[str, float] | None = None,
+) -> Dataset:
+    """A stage class on an actor pool, one row per call. A dead actor (preempted node, OOM kill) is replaced; its
+    row comes back in the next round of collect_results. Not retried here: Ray retries against a lost node before
+    it is declared dead, which spends every retry in a second."""
+    return rows.map_batches(
+        stage,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=pool,
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        resources=resources,
         max_restarts=-1,
         max_task_retries=0,
     )
@@ -294,6 +332,7 @@ def collect_results(
         progress.close()
     index_uri = write_index(output, results)
     storage.remove_empty_dir(storage.join(output, "_segments"))
+    storage.remove_tree(embeddings_dir(output))  # cheap to make again for a row that failed
     log(f"results index: {index_uri}")
     failed = [result["error"] for result in results if result["error"]]
     return JobSummary(

@@ -1,7 +1,8 @@
-"""Loading SkyReels-V2 diffusers pipelines, once per actor.
+"""Loading SkyReels-V2 diffusers pipelines, once per actor: the render pipeline without its text encoder, and the
+text encoder alone (its own stage, see embeddings.py).
 
 Diffusion-forcing segments are computed by diffusion_forcing.py with the loaded pipeline's components; plain
-T2V checkpoints are called through `pipeline_kwargs`.
+T2V / I2V checkpoints are called through `pipeline_kwargs` with the row's prompt embeddings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline
 from diffusers.hooks import apply_group_offloading
 
 from skyreels_batch.config import Offload, PipelineOptions
+from skyreels_batch.embeddings import MAX_SEQUENCE_LENGTH
 from skyreels_batch.models import ModelCard
 from skyreels_batch.schema import RenderParams
 
@@ -29,18 +31,13 @@ def model_source(card: ModelCard) -> str:
 
 
 def load_pipeline(card: ModelCard, device: str, options: PipelineOptions | None = None) -> DiffusionPipeline:
+    """The render pipeline: every component but the text encoder and its tokenizer (None)."""
     options = options or PipelineOptions()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    pipeline_class = getattr(diffusers, card.pipeline_class_name)
-    source = model_source(card)
+    components: dict[str, Any] = {"text_encoder": None, "tokenizer": None}
     if device == "cuda":
-        # As the SkyReels-V2 docs do: bf16 transformer and text encoder, fp32 VAE for clean decodes.
-        vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", dtype=torch.float32)
-        pipeline = pipeline_class.from_pretrained(source, vae=vae, dtype=torch.bfloat16)
-    else:
-        pipeline = pipeline_class.from_pretrained(source, dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
+        # As the SkyReels-V2 docs do: bf16 transformer, fp32 VAE for clean decodes.
+        components["vae"] = AutoencoderKLWan.from_pretrained(model_source(card), subfolder="vae", dtype=torch.float32)
+    pipeline = _from_pretrained(card, device, **components)
     if options.attention_backend:
         pipeline.transformer.set_attention_backend(options.attention_backend)
     place(pipeline, device, options.offload)
@@ -49,6 +46,38 @@ def load_pipeline(card: ModelCard, device: str, options: PipelineOptions | None 
         # reused by every layer, a much shorter compile than the whole model's for the same kernels.
         pipeline.transformer.compile_repeated_blocks(fullgraph=True)
     return pipeline
+
+
+def load_text_encoder(card: ModelCard, device: str, options: PipelineOptions | None = None) -> DiffusionPipeline:
+    """The pipeline with only its text encoder and tokenizer loaded: `encode_text` runs the pipeline's own
+    `encode_prompt`, so embeddings are exactly what a whole pipeline call would compute."""
+    unloaded = ["transformer", "vae"] + (["image_encoder", "image_processor"] if card.family == "i2v" else [])
+    pipeline = _from_pretrained(card, device, **dict.fromkeys(unloaded))
+    place(pipeline, device, (options or PipelineOptions()).offload)
+    return pipeline
+
+
+def _from_pretrained(card: ModelCard, device: str, **components: Any) -> DiffusionPipeline:
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    pipeline_class = getattr(diffusers, card.pipeline_class_name)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipeline = pipeline_class.from_pretrained(model_source(card), dtype=dtype, **components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def encode_text(pipeline: DiffusionPipeline, text: str) -> torch.Tensor:
+    """One text's embeddings [1, 512, dim]. The pipeline encodes a prompt and its negative prompt separately with
+    the same function, so one call per text gives both."""
+    embeddings, _ = pipeline.encode_prompt(
+        prompt=text,
+        do_classifier_free_guidance=False,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        device=pipeline._execution_device,
+    )
+    return embeddings
 
 
 def place(pipeline: DiffusionPipeline, device: str, offload: Offload) -> None:
@@ -60,12 +89,14 @@ def place(pipeline: DiffusionPipeline, device: str, offload: Offload) -> None:
         # As diffusers' Wan docs (the same components): text encoder in groups of 4 blocks, transformer leaf by leaf
         # with transfers overlapped on a CUDA stream; the VAE and image encoder are small and stay on the device.
         onload = torch.device(device)
-        apply_group_offloading(
-            pipeline.text_encoder, onload_device=onload, offload_type="block_level", num_blocks_per_group=4
-        )
-        pipeline.transformer.enable_group_offload(
-            onload_device=onload, offload_type="leaf_level", use_stream=device == "cuda"
-        )
+        if pipeline.text_encoder is not None:
+            apply_group_offloading(
+                pipeline.text_encoder, onload_device=onload, offload_type="block_level", num_blocks_per_group=4
+            )
+        if pipeline.transformer is not None:
+            pipeline.transformer.enable_group_offload(
+                onload_device=onload, offload_type="leaf_level", use_stream=device == "cuda"
+            )
         for component in (pipeline.vae, getattr(pipeline, "image_encoder", None)):
             if component is not None:
                 component.to(device)
@@ -80,10 +111,9 @@ def use_shift(pipeline: DiffusionPipeline, shift: float) -> None:
 
 
 def pipeline_kwargs(params: RenderParams) -> dict[str, Any]:
-    """A row's parameters as plain (non diffusion-forcing) pipeline arguments; the generator is the caller's."""
+    """A row's parameters as plain (non diffusion-forcing) pipeline arguments; the generator and the prompt
+    embeddings are the caller's."""
     return dict(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
         height=params.height,
         width=params.width,
         num_frames=params.num_frames,

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from skyreels_batch.manifest import write_manifest  # noqa: F401 - re-exported for the tests
+from skyreels_batch.stages.encode import EncodePrompts
+from skyreels_batch.stages.render import RenderVideos
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "renders"
@@ -62,3 +64,16 @@ def decode(source) -> tuple[np.ndarray, float]:
         stream = container.streams.video[0]
         frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
         return frames, float(stream.average_rate)
+
+
+class EncodeThenRender(RenderVideos):
+    """The render stage with the text-encoding stage in front of it on the same output, as the job chains them."""
+
+    def __init__(self, card, *, output: str, device: str = "cpu", torch_threads: int = 2, **options) -> None:
+        super().__init__(card, output=output, device=device, torch_threads=torch_threads, **options)
+        self.encode = EncodePrompts(
+            card, output=output, device=device, torch_threads=torch_threads, options=options.get("options")
+        )
+
+    def __call__(self, batch):
+        return super().__call__(self.encode(batch))

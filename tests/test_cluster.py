@@ -15,9 +15,8 @@ import pandas as pd
 import pytest
 
 from skyreels_batch.models import card_for
-from skyreels_batch.stages.render import RenderVideos
 from tests.cluster_jobs import AUTOSCALING_ROWS, NODE_REMOVAL_ROWS
-from tests.conftest import REPO, decode
+from tests.conftest import REPO, EncodeThenRender, decode
 from tests.test_modes import render
 
 pytestmark = pytest.mark.slow
@@ -54,7 +53,7 @@ def test_a_render_node_lost_mid_job_does_not_stop_it(tmp_path: Path) -> None:
     assert (results.status == "done").all()
     assert results.resumed_segments.max() > 0, "the lost video resumed from its persisted segments"
     # Every video, including the one that moved nodes, is exactly what an uninterrupted render makes.
-    stage = RenderVideos(card_for("tiny-df"), output=str(tmp_path / "reference"), device="cpu", torch_threads=2)
+    stage = EncodeThenRender(card_for("tiny-df"), output=str(tmp_path / "reference"))
     for row in NODE_REMOVAL_ROWS:
         frames = decode(tmp_path / "out" / "videos" / f"{row['id']}.mp4")[0]
         assert np.array_equal(frames, render(stage, stage.card, row)), row["id"]

@@ -14,8 +14,9 @@ def test_cpu_cluster_gets_fractional_cpus_leaving_room_for_reads() -> None:
     resources = plan_resources(JobConfig(manifest="m", min_workers=2, max_workers=2), {"CPU": 2.0})
     assert resources.device == "cpu"
     assert resources.render_num_gpus == 0
-    # Two actors and a read task must fit on two cores at once.
-    assert 2 * resources.render_num_cpus + resources.read_num_cpus + resources.validate_num_cpus <= 2.0
+    # Two actors and a read task must fit on two cores at once; so must the render pass's three pools.
+    assert 2 * resources.render_num_cpus + resources.read_num_cpus <= 2.0
+    assert 2 * resources.render_num_cpus + resources.text_num_cpus + resources.write_num_cpus <= 2.0
     assert resources.torch_threads == 1
 
 
@@ -27,7 +28,9 @@ def test_single_cpu_actor_uses_every_core_for_torch() -> None:
 
 def test_gpu_cluster_gets_one_gpu_per_actor_and_one_actor_per_gpu_by_default() -> None:
     resources = plan_resources(JobConfig(manifest="m"), {"CPU": 64.0, "GPU": 8.0})
-    assert (resources.device, resources.render_num_gpus) == ("cuda", 1)
+    assert resources.device == "cuda"
+    # A render actor per GPU, and a text encoder fits beside one: on a one-GPU node neither waits for the other.
+    assert 0.5 < resources.render_num_gpus < 1 and resources.render_num_gpus + resources.text_num_gpus == 1
     assert (resources.min_workers, resources.max_workers) == (1, 8)
     pinned = plan_resources(JobConfig(manifest="m", min_workers=2, max_workers=16), {"CPU": 64.0, "GPU": 8.0})
     assert (pinned.min_workers, pinned.max_workers) == (2, 16)

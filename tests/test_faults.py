@@ -21,12 +21,18 @@ pytestmark = pytest.mark.slow
 
 
 def kill_render_actor() -> int:
-    """SIGKILL the render actor process (Ray titles it after its stage); returns its pid."""
-    for proc in psutil.process_iter(["cmdline"]):
-        if any("MapBatches(RenderVideos)" in part for part in proc.info["cmdline"] or []):
-            os.kill(proc.pid, signal.SIGKILL)
-            return proc.pid
-    raise AssertionError("no render actor process found")
+    """SIGKILL the newest render actor process (Ray titles it after its stage) and wait until it is gone; returns
+    its pid. The newest: an earlier pass's replacement actor may still be shutting down beside the current one."""
+    actors = [
+        proc
+        for proc in psutil.process_iter(["cmdline", "create_time"])
+        if any("MapBatches(RenderVideos)" in part for part in proc.info["cmdline"] or [])
+    ]
+    assert actors, "no render actor process found"
+    newest = max(actors, key=lambda proc: proc.info["create_time"])
+    os.kill(newest.pid, signal.SIGKILL)
+    psutil.wait_procs([newest], timeout=10)
+    return newest.pid
 
 
 def finished_segments(folder: Path) -> int:
@@ -46,8 +52,9 @@ class Killer(threading.Thread):
         seen = 0
         while len(self.kills) < self.times and not self.stop.is_set():
             if finished_segments(self.folder) >= seen + self.after:
-                seen = finished_segments(self.folder)
                 self.kills.append(kill_render_actor())
+                # Counted once the actor is dead: a segment it committed while dying is not the next actor's.
+                seen = finished_segments(self.folder)
             time.sleep(0.01)
 
 

@@ -60,6 +60,7 @@ def test_every_good_row_becomes_an_mp4_with_the_rows_frames_size_and_fps(local_r
         assert rate == fps, video_id
         assert frames.std() > 0, "a real render is not a flat frame"
     assert not (output / "_segments").exists()
+    assert not (output / "_embeddings").exists()
 
 
 def test_results_index_has_one_row_per_manifest_row(local_run) -> None:
@@ -123,6 +124,7 @@ def test_job_reads_the_manifest_from_and_writes_everything_to_s3(ray_local: None
         num_frames, height, width, fps = EXPECTED["alpha" if video_id == "from-image" else video_id]
         assert frames.shape == (num_frames, height, width, 3) and rate == fps
     assert not fs.exists(f"{BUCKET}/job-s3/_segments/alpha")
+    assert not fs.exists(f"{BUCKET}/job-s3/_embeddings")
     results = pd.read_parquet(f"{output}/results").set_index("id")
     assert results.loc["alpha"].uri == f"{output}/videos/alpha.mp4"
     assert results.loc["odd-frames"].status == "failed"

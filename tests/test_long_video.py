@@ -18,6 +18,7 @@ from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
 from skyreels_batch.video import to_uint8
+from tests.conftest import EncodeThenRender
 from tests.conftest import decode as decode_mp4
 
 CARD = card_for("tiny-df")
@@ -51,7 +52,7 @@ def pipeline() -> SkyReelsV2DiffusionForcingPipeline:
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory: pytest.TempPathFactory) -> RenderVideos:
-    return RenderVideos(CARD, output=str(tmp_path_factory.mktemp("long")), device="cpu", torch_threads=2)
+    return EncodeThenRender(CARD, output=str(tmp_path_factory.mktemp("long")))
 
 
 def render(stage: RenderVideos, row: dict, *, save_latents: bool = True) -> dict:
@@ -127,14 +128,14 @@ def test_prompt_travel_uses_prompt_k_for_segment_k_and_repeats_the_last(stage) -
 
 def test_resuming_from_persisted_segments_gives_the_same_video(stage, tmp_path: Path) -> None:
     uninterrupted = render(stage, {**LONG, "id": "whole"})
-    interrupted = RenderVideos(CARD, output=str(tmp_path), device="cpu", torch_threads=2)
+    interrupted = EncodeThenRender(CARD, output=str(tmp_path))
     validated = ValidateRows(CARD, max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([{**LONG, "id": "whole"}]))
     interrupted(validated)
     store = SegmentStore(str(tmp_path), "whole")
     for index in (2, 3):  # as if the job died after two segments
         Path(store.state_uri(index)).unlink()
         Path(store.frames_uri(index)).unlink()
-    resumed = RenderVideos(CARD, output=str(tmp_path), device="cpu", torch_threads=2)(validated).to_pylist()[0]
+    resumed = EncodeThenRender(CARD, output=str(tmp_path))(validated).to_pylist()[0]
     assert resumed["resumed_segments"] == 2
     writer = WriteVideos(output=str(tmp_path), crf=18, lossless=True, save_latents=True)
     result = writer(pa.Table.from_pylist([resumed])).to_pylist()[0]

@@ -26,7 +26,7 @@ from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
 from skyreels_batch.video import encode_mp4, to_uint8
-from tests.conftest import decode
+from tests.conftest import EncodeThenRender, decode
 
 ROW = {
     "id": "clip",
@@ -52,12 +52,12 @@ def render(stage: RenderVideos, card: ModelCard, row: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def df_stage(tmp_path_factory: pytest.TempPathFactory) -> RenderVideos:
-    return RenderVideos(card_for("tiny-df"), output=str(tmp_path_factory.mktemp("df")), device="cpu", torch_threads=2)
+    return EncodeThenRender(card_for("tiny-df"), output=str(tmp_path_factory.mktemp("df")))
 
 
 def test_plain_t2v_checkpoints_render_exactly_what_skyreels_v2_pipeline_returns(tmp_path: Path) -> None:
     card = card_for("tiny-t2v")
-    stage = RenderVideos(card, output=str(tmp_path), device="cpu", torch_threads=2)
+    stage = EncodeThenRender(card, output=str(tmp_path))
     assert type(stage.pipeline).__name__ == "SkyReelsV2Pipeline"
     frames = render(stage, card, ROW)
 
@@ -86,7 +86,7 @@ def test_long_rows_are_refused_for_plain_t2v_checkpoints() -> None:
 def test_a_sync_row_after_an_async_row_renders_exactly_as_it_does_alone(df_stage, tmp_path: Path) -> None:
     long_row = {**ROW, "num_frames": 57, "base_num_frames": 37, "overlap_history": 17}
     alone = render(
-        RenderVideos(card_for("tiny-df"), output=str(tmp_path), device="cpu", torch_threads=2),
+        EncodeThenRender(card_for("tiny-df"), output=str(tmp_path)),
         card_for("tiny-df"),
         long_row,
     )
@@ -116,9 +116,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
-def diffusers_image_to_video(stage: RenderVideos, row: dict, **extra) -> torch.Tensor | np.ndarray:
-    """diffusers' own SkyReelsV2DiffusionForcingImageToVideoPipeline, sharing the actor's loaded components."""
-    pipe = SkyReelsV2DiffusionForcingImageToVideoPipeline.from_pipe(stage.pipeline)
+def with_text_encoder(stage: EncodeThenRender) -> dict:
+    """The text-encoding stage's components, to make the render actor's pipeline whole again for diffusers."""
+    return {"text_encoder": stage.encode.pipeline.text_encoder, "tokenizer": stage.encode.pipeline.tokenizer}
+
+
+def diffusers_image_to_video(stage: EncodeThenRender, row: dict, **extra) -> torch.Tensor | np.ndarray:
+    """diffusers' own SkyReelsV2DiffusionForcingImageToVideoPipeline, sharing the stages' loaded components."""
+    pipe = SkyReelsV2DiffusionForcingImageToVideoPipeline.from_pipe(stage.pipeline, **with_text_encoder(stage))
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=row["shift"])
     kwargs = {k: row[k] for k in ("prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale")}
     return pipe(
@@ -241,7 +246,7 @@ def test_v2v_is_the_clip_then_exactly_the_new_frames_diffusers_makes(df_stage, t
     assert frames.shape == (21 + 40, 32, 48, 3)  # nothing repeated
     np.testing.assert_array_equal(frames[:21], clip)  # begins with the input clip, untouched
 
-    pipe = SkyReelsV2DiffusionForcingVideoToVideoPipeline.from_pipe(df_stage.pipeline)
+    pipe = SkyReelsV2DiffusionForcingVideoToVideoPipeline.from_pipe(df_stage.pipeline, **with_text_encoder(df_stage))
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=row["shift"])
     call = dict(
         video=[Image.fromarray(frame) for frame in clip],
@@ -295,7 +300,7 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_lora_changes_the_video_scale_0_does_not_and_it_is_loaded_once(lora_dir, tmp_path: Path) -> None:
     card = card_for("tiny-df")
-    stage = RenderVideos(card, output=str(tmp_path), device="cpu", torch_threads=2)
+    stage = EncodeThenRender(card, output=str(tmp_path))
     plain = render(stage, card, {**ROW, "id": "plain"})
     styled = render(stage, card, {**ROW, "id": "styled", "lora": lora_dir})
     half = render(stage, card, {**ROW, "id": "half", "lora": lora_dir, "lora_scale": 0.5})
@@ -319,7 +324,7 @@ def test_a_missing_lora_fails_its_row_naming_the_field(df_stage, tmp_path: Path)
 
 def test_plain_i2v_checkpoints_render_exactly_what_skyreels_v2_image_to_video_returns(images, tmp_path: Path) -> None:
     card = card_for("tiny-i2v")
-    stage = RenderVideos(card, output=str(tmp_path), device="cpu", torch_threads=2)
+    stage = EncodeThenRender(card, output=str(tmp_path))
     assert type(stage.pipeline).__name__ == "SkyReelsV2ImageToVideoPipeline"
     row = {**ROW, "id": "plain-i2v", "mode": "i2v", "image": images["first"]}
     frames = render(stage, card, row)

@@ -13,15 +13,15 @@ from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
 from skyreels_batch.config import PipelineOptions
 from skyreels_batch.models import card_for
-from skyreels_batch.stages.render import RenderVideos
+from tests.conftest import EncodeThenRender
 from tests.test_modes import ROW, render
 
 LONG_ROW = {**ROW, "id": "long", "num_frames": 45, "base_num_frames": 21, "overlap_history": 9}
 
 
-def stage(output: Path, **options) -> RenderVideos:
+def stage(output: Path, **options) -> EncodeThenRender:
     card = card_for("tiny-df")
-    return RenderVideos(card, output=str(output), device="cpu", torch_threads=2, options=PipelineOptions(**options))
+    return EncodeThenRender(card, output=str(output), options=PipelineOptions(**options))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_model_offload_renders_the_same_frames_and_the_decoder_onloads_the_vae(
 def test_group_offload_renders_the_same_frames(reference: dict[str, np.ndarray], tmp_path: Path) -> None:
     offloaded = stage(tmp_path, offload="group")
     assert _is_group_offload_enabled(offloaded.pipeline.transformer)
-    assert _is_group_offload_enabled(offloaded.pipeline.text_encoder)
+    assert _is_group_offload_enabled(offloaded.encode.pipeline.text_encoder)  # in the text-encoding stage
     assert not _is_group_offload_enabled(offloaded.pipeline.vae)
     for row in (ROW, LONG_ROW):
         assert np.array_equal(render(offloaded, offloaded.card, row), reference[row["id"]]), row["id"]

@@ -18,7 +18,7 @@ from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
 from skyreels_batch.video import to_uint8
-from tests.conftest import decode
+from tests.conftest import EncodeThenRender, decode
 
 CARD = card_for("tiny-df")
 ROW = {
@@ -41,7 +41,7 @@ def validated(rows: list[dict], duplicates: frozenset[str] = frozenset()) -> pa.
 
 @pytest.fixture(scope="module")
 def render_stage(tmp_path_factory: pytest.TempPathFactory) -> RenderVideos:
-    return RenderVideos(CARD, output=str(tmp_path_factory.mktemp("out")), device="cpu", torch_threads=2)
+    return EncodeThenRender(CARD, output=str(tmp_path_factory.mktemp("out")))
 
 
 def test_validate_passes_good_rows_and_turns_bad_ones_into_errors() -> None:
@@ -106,7 +106,7 @@ def test_a_row_whose_output_cannot_be_written_fails_alone(render_stage: RenderVi
     blocked = tmp_path / "blocked"
     (blocked / "videos").mkdir(parents=True)
     (blocked / "videos" / "stuck.mp4").mkdir()  # a directory where the MP4 must go: the commit fails
-    stage = RenderVideos(CARD, output=str(blocked), device="cpu", torch_threads=2)
+    stage = EncodeThenRender(CARD, output=str(blocked))
     rendered = stage(validated([{**ROW, "id": "stuck"}, {**ROW, "id": "fine"}]))
     writer = WriteVideos(output=str(blocked), crf=18, lossless=False)
     stuck, fine = writer(rendered).to_pylist()

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
-from diffusers import DiffusionPipeline
 from PIL import Image
 from ray.actor import ActorHandle
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment, encode_prompts
+from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment
+from skyreels_batch.embeddings import EmbeddingStore
 from skyreels_batch.inputs import (
     InputError,
     center_crop_resize,
@@ -29,13 +27,13 @@ from skyreels_batch.pipelines import load_pipeline, pipeline_kwargs, use_shift
 from skyreels_batch.plan import Segment, VideoPlan
 from skyreels_batch.schema import SPATIAL_MULTIPLE, RenderParams, check_size, plan_for
 from skyreels_batch.segments import SegmentStore
-from skyreels_batch.stages import RENDERED, RowStage
+from skyreels_batch.stages import RENDERED, TorchRowStage
 from skyreels_batch.timing import ForwardTimer
 from skyreels_batch.video import to_uint8
 
 
-class RenderVideos(RowStage):
-    """Validated rows -> segments persisted under `<output>/_segments/<id>/`.
+class RenderVideos(TorchRowStage):
+    """Validated rows whose texts are encoded (EncodePrompts) -> segments persisted under `<output>/_segments/<id>/`.
 
     A video is a chain of segment tasks (see plan.py). Each segment continues from the last overlap latents of
     the one before and from the generator state it left, both persisted with it, so any actor can pick a video up
@@ -59,20 +57,10 @@ class RenderVideos(RowStage):
         self.card = card
         self.output = output
         self.progress = progress
-        # All torch work runs on one thread of its own. Ray Data calls a stage from a thread pool, not from the
-        # thread that built it, and OpenMP keeps a team of threads per calling thread: loading on one thread and
-        # rendering on another left three busy threads on two cores (bench-df: 5.3 s a video instead of 4.2 s).
-        self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
-        self.pipeline = self.torch_thread.submit(self._load, device, torch_threads, options).result()
+        self.pipeline = self.start_torch(lambda: load_pipeline(card, device, options), torch_threads)
         self.transformer_timer = ForwardTimer(self.pipeline.transformer)
+        self.embeddings = EmbeddingStore(output, card.name)
         self.adapters: dict[str, str] = {}  # LoRA URI -> adapter name: each LoRA is loaded once per actor
-
-    def _load(self, device: str, torch_threads: int, options: PipelineOptions | None) -> DiffusionPipeline:
-        torch.set_num_threads(torch_threads)
-        return load_pipeline(self.card, device, options)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.torch_thread.submit(super().__call__, batch).result()
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         started_at = datetime.now(timezone.utc)
@@ -94,14 +82,9 @@ class RenderVideos(RowStage):
 
         use_shift(self.pipeline, params.shift)
         self._use_lora(params)
-        embeddings: dict[str, tuple] = {}
         for segment in plan.segments[resumed:]:
-            prompt = params.prompt_for(segment.index)
-            if prompt not in embeddings:
-                embeddings[prompt] = encode_prompts(
-                    self.pipeline, prompt, params.negative_prompt, params.guidance_scale
-                )
-            window = self._denoise(params, plan, segment, previous, generator, embeddings[prompt], conditioning)
+            embeddings = self._embeddings(params, params.prompt_for(segment.index))
+            window = self._denoise(params, plan, segment, previous, generator, embeddings, conditioning)
             if segment.index == 0 and segment.overlap:  # v2v: the clip's latents lead into the new frames
                 decoder.skip(window[:, :, : segment.overlap])
             frames = to_uint8(decoder.decode(window[:, :, segment.overlap :]))
@@ -118,6 +101,13 @@ class RenderVideos(RowStage):
             "transformer_s": self.transformer_timer.seconds - transformer_before,
         }
 
+    def _embeddings(self, params: RenderParams, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's embeddings and, with guidance on, the negative prompt's, as the transformer takes them."""
+        device, dtype = self.pipeline._execution_device, self.pipeline.transformer.dtype
+        texts = [prompt] + ([params.negative_prompt] if params.guidance_scale > 1.0 else [])
+        positive, *negative = [self.embeddings.load(text).to(device, dtype) for text in texts]
+        return positive, negative[0] if negative else None
+
     def _denoise(
         self,
         params: RenderParams,
@@ -125,16 +115,21 @@ class RenderVideos(RowStage):
         segment: Segment,
         previous: torch.Tensor | None,
         generator: torch.Generator,
-        embeddings: tuple,
+        embeddings: tuple[torch.Tensor, torch.Tensor | None],
         conditioning: dict[str, torch.Tensor],
     ) -> torch.Tensor:
+        prompt_embeds, negative_prompt_embeds = embeddings
         if self.card.family != "df":
             # Plain T2V / I2V checkpoints render one window; their pipeline call is the whole segment.
             kwargs = {**pipeline_kwargs(params), "generator": generator}
             if self.card.family == "i2v":
                 kwargs["image"] = conditioning["image_source"]
-            return self.pipeline(**kwargs, output_type="latent").frames
-        prompt_embeds, negative_prompt_embeds = embeddings
+            return self.pipeline(
+                **kwargs,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                output_type="latent",
+            ).frames
         return denoise_segment(
             self.pipeline,
             plan=plan,

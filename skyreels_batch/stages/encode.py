@@ -1,0 +1,45 @@
+"""The text-encoding stage: its own actor pool, so render actors never hold the text encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skyreels_batch.config import PipelineOptions
+from skyreels_batch.embeddings import EmbeddingStore, texts_for
+from skyreels_batch.models import ModelCard
+from skyreels_batch.pipelines import encode_text, load_text_encoder
+from skyreels_batch.schema import RenderParams
+from skyreels_batch.stages import VALIDATED, TorchRowStage
+
+
+class EncodePrompts(TorchRowStage):
+    """Validated rows -> the same rows, once every text they are rendered with (each segment's prompt, the negative
+    prompt) has its embeddings in `<output>/_embeddings/`. A text already there (another row's, or an earlier
+    attempt's) is not encoded again."""
+
+    output_schema = VALIDATED
+    failure = "text encoding failed"
+
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        output: str,
+        device: str,
+        torch_threads: int,
+        options: PipelineOptions | None = None,
+    ) -> None:
+        self.pipeline = self.start_torch(lambda: load_text_encoder(card, device, options), torch_threads)
+        self.store = EmbeddingStore(output, card.name)
+        self.stored: set[str] = set()  # texts this actor knows are stored: no storage lookup for them again
+        self.encoded = 0  # texts this actor encoded
+
+    def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
+        for text in texts_for(params):
+            if text in self.stored:
+                continue
+            if not self.store.has(text):
+                self.store.save(text, encode_text(self.pipeline, text))
+                self.encoded += 1
+            self.stored.add(text)
+        return {}
