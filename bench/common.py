@@ -69,11 +69,13 @@ def run_plain(manifest: Path, output: Path, *, model: str, processes: int = 1) -
         command = [sys.executable, "bench/plain_loop.py", str(part), str(output), "--model", model]
         commands.append(command + ([] if processes == 1 else ["--threads", str(max(1, os.cpu_count() // processes))]))
     started = time.perf_counter()
-    running = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) for command in commands]
-    outputs = [process.communicate()[0] for process in running]
+    pipe = subprocess.PIPE
+    running = [subprocess.Popen(command, cwd=REPO, stdout=pipe, stderr=pipe, text=True) for command in commands]
+    outputs = [process.communicate() for process in running]
     wall = time.perf_counter() - started
-    assert all(process.returncode == 0 for process in running), "a plain loop failed"
-    runs = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    for process, (_, errors) in zip(running, outputs, strict=True):
+        assert process.returncode == 0, f"a plain loop failed:\n{errors[-3000:]}"
+    runs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     total = {key: sum(run[key] for run in runs) for key in ("videos", "transformer_s", "busy_s", "pool_s")}
     return {"wall_s": wall, **total, "phase_s": max(run["phase_s"] for run in runs)}
 
