@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
 import ray
 from ray import ObjectRef
 from ray.actor import ActorHandle
@@ -131,9 +132,11 @@ def rows_on_driver(rows: Dataset) -> list[Video]:
     the pool (and confines a task that gives up to its own row)."""
     videos = []
     for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for index, row in enumerate(table.to_pylist()):
+        for row in table.to_pylist():
             if not row["skipped"]:
-                videos.append((row, ray.put(table.slice(index, 1))))
+                # A table of its own, not a slice: a slice serializes its parent's whole buffers (10 MB a row for a
+                # 10k-row block).
+                videos.append((row, ray.put(pa.Table.from_pylist([row], schema=table.schema))))
     return videos
 
 
@@ -187,6 +190,7 @@ def encode_prompts(
     return on_actor_pool(
         rows,
         EncodePrompts,
+        # One torch thread: on CPU the encoder works beside the render actors, on their cores.
         dict(card=card, output=output, device=resources.device, options=options, torch_threads=1),
         pool=ActorPoolStrategy(min_size=1, max_size=resources.text_workers),
         num_gpus=resources.text_num_gpus,
