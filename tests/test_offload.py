@@ -39,7 +39,11 @@ def test_model_offload_renders_the_same_frames_and_the_decoder_onloads_the_vae(
     pre_forward = vae._hf_hook.pre_forward
     vae._hf_hook.pre_forward = lambda module: onloads.append(module) or pre_forward(module)
     for row in (ROW, LONG_ROW):
-        assert np.array_equal(render(offloaded, offloaded.card, row), reference[row["id"]]), row["id"]
+        # Within 1/255, not bit-identical: the offload hooks move the weights from "cpu" to "cpu:0", a copy into
+        # 64-byte-aligned memory, while from_pretrained leaves them where safetensors put them (40 bytes past a
+        # 64-byte boundary here), and the CPU's GEMM kernels round differently for the two (latents 2e-6 apart).
+        difference = np.abs(render(offloaded, offloaded.card, row).astype(int) - reference[row["id"]]).max()
+        assert difference <= 1, row["id"]
     # One onload per decoded segment: 1 for the short row, 3 for the long one.
     assert len(onloads) == 4
 
