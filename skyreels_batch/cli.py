@@ -1,7 +1,7 @@
 """`python jobs/render.py MANIFEST ...`: the command line of the render job.
 
 Exit codes: 0 every row done; 1 some rows failed (all others rendered); 2 the invocation or the manifest as a
-whole is unusable.
+whole is unusable; 3 stopped by SIGINT / SIGTERM before every row was done (the same command resumes).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from skyreels_batch.manifest import ManifestError
 from skyreels_batch.models import UnknownModelError
 from skyreels_batch.schema import manifest_columns
 
-EXIT_DONE, EXIT_SOME_FAILED, EXIT_UNUSABLE = 0, 1, 2
+EXIT_DONE, EXIT_SOME_FAILED, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
 
 
 def parse_workers(value: str) -> tuple[int, int | None]:
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python jobs/render.py",
         description="Render every row of a Parquet manifest into an MP4 with SkyReels-V2 on a Ray cluster.",
         epilog=f"manifest columns:\n{columns}\n\nexit codes: 0 all rows done, 1 some rows failed, "
-        "2 unusable invocation or manifest",
+        "2 unusable invocation or manifest, 3 stopped by SIGINT/SIGTERM (run the same command to resume)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -103,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         metavar="N",
         help="retry a row whose render actor died (preemption, OOM) up to N times, then mark it failed (3)",
+    )
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="on SIGINT/SIGTERM, wait up to S seconds for the segments in flight to persist, then stop (60); "
+        "a second signal stops at once",
+    )
+    parser.add_argument(
+        "--index-interval",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="fold finished videos into the results index every S seconds while the job runs (15)",
     )
     parser.add_argument(
         "--dry-run",
@@ -177,21 +192,27 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         pipeline=PipelineOptions(offload=args.offload, compile=args.compile, attention_backend=args.attention_backend),
         longest_first=not args.manifest_order,
         render_resources=dict(args.render_resource),
+        stop_grace_s=args.stop_grace,
+        index_interval_s=args.index_interval,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = job_config(args)
-    from skyreels_batch.pipeline import run_job  # Ray and torch load only once the flags are good
+    from skyreels_batch.collect import StopRequest  # Ray and torch load only once the flags are good
+    from skyreels_batch.pipeline import run_job
 
     try:
         if args.dry_run:
             return dry_run(config)
-        summary = run_job(config, log=lambda line: print(line, flush=True))
+        summary = run_job(config, log=lambda line: print(line, flush=True), stop=StopRequest(on_signals=True))
     except (UnknownModelError, ManifestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
-    already = f" ({summary.skipped} already done)" if summary.skipped else ""
-    print(f"{summary.done} done{already}, {summary.failed} failed of {summary.total}", flush=True)
+    already = f" ({summary.skipped:,} already done)" if summary.skipped else ""
+    print(f"{summary.done:,} done{already}, {summary.failed:,} failed of {summary.total:,}", flush=True)
+    if summary.stopped:
+        print(f"stopped: {summary.left:,} rows left; run the same command to resume", flush=True)
+        return EXIT_STOPPED
     return EXIT_SOME_FAILED if summary.failed else EXIT_DONE

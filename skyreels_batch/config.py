@@ -54,6 +54,16 @@ class JobConfig(BaseModel):
         description="Custom Ray resources each render actor asks for, e.g. {'render': 1} to keep render work on the "
         "node types that offer it (and off the head).",
     )
+    stop_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="On SIGINT/SIGTERM, how long to wait for the segments in flight to persist before stopping.",
+    )
+    index_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often the driver folds finished videos into the results index while the job runs.",
+    )
 
 
 # The text encoder shares a GPU with a render actor (1 - this each): with whole GPUs each, on a one-GPU node

@@ -33,18 +33,6 @@ from skyreels_batch.plan import Segment, VideoPlan
 from skyreels_batch.schema import RenderParams
 
 
-def denoising_iterations(
-    *, num_latent_frames: int, num_inference_steps: int, ar_step: int, num_pre_ready: int, causal_block_size: int
-) -> int:
-    """Rows of diffusers' timestep matrix: how many transformer passes (per guidance branch) a window takes."""
-    # generate_timestep_matrix uses no pipeline state; only the schedule's length matters for the count.
-    step_template = torch.arange(num_inference_steps, 0, -1) * (1000 // max(num_inference_steps, 1))
-    step_matrix, *_ = SkyReelsV2DiffusionForcingPipeline.generate_timestep_matrix(
-        None, num_latent_frames, step_template, num_latent_frames, ar_step, num_pre_ready, causal_block_size
-    )
-    return len(step_matrix)
-
-
 @torch.no_grad()
 def denoise_segment(
     pipeline: SkyReelsV2DiffusionForcingPipeline,

@@ -64,13 +64,12 @@ def open_manifest(uri: str) -> Manifest:
     )
 
 
-def read_rows(manifest: Manifest) -> Iterator[dict]:
-    """Every manifest row as a dict, a record batch at a time (the driver-side path: --dry-run)."""
+def read_batches(manifest: Manifest) -> Iterator[pa.RecordBatch]:
+    """The manifest's known columns, a record batch at a time (the driver-side path: --dry-run)."""
     dataset = pads.dataset(
         manifest.files, schema=manifest.schema, filesystem=storage.arrow_filesystem(manifest.fs), format="parquet"
     )
-    for batch in dataset.to_batches(columns=manifest.columns):
-        yield from batch.to_pylist()
+    yield from dataset.to_batches(columns=manifest.columns)
 
 
 def _dataset(files: list[str], fs: fsspec.AbstractFileSystem) -> pads.Dataset:

@@ -1,40 +1,37 @@
-"""The whole render job, top to bottom: read -> validate -> encode prompts -> render -> write -> index."""
+"""The whole render job, top to bottom: read -> validate and plan -> encode prompts -> render -> write -> index."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import logging
-import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
-from ray import ObjectRef
 from ray.actor import ActorHandle
-from ray.data import ActorPoolStrategy, DataContext, Dataset
+from ray.data import ActorPoolStrategy, DataContext, Dataset, TaskPoolStrategy
 
 from skyreels_batch import storage
+from skyreels_batch.collect import Collector, StopRequest
 from skyreels_batch.config import JobConfig, PipelineOptions, Resources, plan_resources
+from skyreels_batch.control import on_driver_node, start_job_control
 from skyreels_batch.embeddings import embeddings_dir
-from skyreels_batch.manifest import Manifest, open_manifest, read_rows
+from skyreels_batch.manifest import Manifest, open_manifest, read_batches
 from skyreels_batch.models import ModelCard, card_for
-from skyreels_batch.progress import start_segment_counter
-from skyreels_batch.results import finished_requests, result_row, write_index
-from skyreels_batch.schema import RenderParams, plan_for
+from skyreels_batch.progress import Progress
+from skyreels_batch.results import ResultsIndex, records_dir, results_dir
+from skyreels_batch.segments import segments_dir
+from skyreels_batch.stages.admit import AdmitRows
 from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos
-from skyreels_batch.stages.validate import ValidateRows
+from skyreels_batch.stages.validate import PLANNED, PlanRows, ValidateRows
 from skyreels_batch.stages.write import WriteVideos
 
-logger = logging.getLogger(__name__)
-
-PROGRESS_INTERVAL_S = 15.0
-
-Video = tuple[dict, ObjectRef]  # a validated row and its one-row block in the object store
+# Rows per block of a render pass's source: the object store holds a thousand blocks for a million rows, not a
+# million, and each is cut into one-row blocks only as the render pool takes them (AdmitRows).
+SOURCE_BLOCK_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -43,11 +40,21 @@ class JobSummary:
     done: int
     failed: int
     index_uri: str
-    errors: list[str]
-    skipped: int = 0
+    skipped: int = 0  # done by an earlier run; counted in `done`
+    left: int = 0  # neither done nor failed: what a stopped job leaves to the next run
+    stopped: bool = False
 
 
-def run_job(config: JobConfig, *, log: Callable[[str], None] = print) -> JobSummary:
+@dataclass(frozen=True)
+class WorkList:
+    """The job's plan, held by the driver: compact (no resolved parameters), one table for a million rows."""
+
+    rows: pa.Table  # the rows to render, in render order: their manifest columns and PLANNED's
+    failed: pa.Table  # `id`, `error` of the rows that failed validation
+    skipped: int  # rows an earlier run finished for the same request
+
+
+def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: StopRequest | None = None) -> JobSummary:
     """Render every row of the manifest. Raises UnknownModelError / ManifestError before any Ray work when the
     invocation itself is unusable. Attaches to Ray if it is not initialised (inside a Ray job: the cluster)."""
     card = card_for(config.model)
@@ -55,143 +62,137 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print) -> JobSumm
     manifest = open_manifest(config.manifest)
     if not ray.is_initialized():
         ray.init()
+    stop = stop or StopRequest()
+    stop.listen()
+    # Ray Data's progress bars redraw a line in place, which the job's own progress lines would cut into.
+    DataContext.get_current().enable_progress_bars = False
     resources = plan_resources(config, ray.cluster_resources())
     if manifest.unknown_columns:
         log(f"ignoring manifest columns the schema does not know: {', '.join(manifest.unknown_columns)}")
     log(
-        f"rendering {manifest.num_rows} rows of {config.manifest} with {card.name} on {resources.device}, "
+        f"rendering {manifest.num_rows:,} rows of {config.manifest} with {card.name} on {resources.device}, "
         f"{resources.min_workers}-{resources.max_workers} render actors -> {output}"
     )
 
-    return _run(config, card, output, manifest, resources, log)
+    index = ResultsIndex(output)  # folds in what a killed run left: its parts, the records of its last videos
+    finished = index.finished()
+    work = plan_work(read_manifest(manifest, resources), card, config, manifest, finished, resources)
+    index.retract(pa.concat_arrays([work.failed["id"].combine_chunks(), work.rows["id"].combine_chunks()]))
+    index.add(_failed_rows(work.failed))
+    index.flush()
+    remove_finished_segments(output, finished)
+    if work.skipped:
+        log(f"skipping {work.skipped:,} rows already done in {output}")
 
-
-@contextlib.contextmanager
-def render_pass_context() -> Iterator[None]:
-    """The Ray Data settings of a render pass. A dataset keeps the context it was created under, and datasets
-    derived from it share it, so this wraps the creation of the render pass's own source dataset.
-
-    - A row whose render task gave up loses its block instead of failing the job: collect_results retries the
-      row, then reports it as failed.
-    - The pool grows once every actor is busy. Ray Data's default threshold (175% of one task per actor) is never
-      reached with one video per actor, and a `--workers 1:8` pool would stay at one actor.
-    - Pools are sized by --workers, not by per-operator resource budgets. Ray Data's budgets split the resources
-      the cluster has now between the pass's operators, so a pool never asks for an actor the cluster cannot
-      already place, and the cluster autoscaler, which adds nodes for pending actors, never sees a reason to
-      grow (seen with the text-encoding pool as a third operator: `--workers 1:2` stayed at one actor).
-    """
-    context = DataContext.get_current()
-    saved = context.max_errored_blocks, context.autoscaling_config, context.op_resource_reservation_enabled
-    context.max_errored_blocks = -1
-    context.autoscaling_config = dataclasses.replace(saved[1], actor_pool_util_upscaling_threshold=1.0)
-    context.op_resource_reservation_enabled = False
+    # Rows waiting for a render actor: enough that none idles, few enough that the pass holds no backlog.
+    control = start_job_control(window=2 * resources.max_workers + 2)
     try:
-        yield
+        progress = Progress(
+            total_videos=work.rows.num_rows, total_segments=pc.sum(work.rows["num_segments"]).as_py() or 0, log=log
+        )
+        collector = Collector(
+            index=index,
+            progress=progress,
+            control=control,
+            stop=stop,
+            index_interval_s=config.index_interval_s,
+            stop_grace_s=config.stop_grace_s,
+            log=log,
+        )
+
+        def render_pass(rows: pa.Table) -> Dataset:
+            admitted = admit_rows(rows, card, config, resources, control)
+            encoded = encode_prompts(admitted, card, output, resources, config.pipeline, control)
+            rendered = render_videos(encoded, card, output, resources, config.pipeline, control)
+            return write_videos(rendered, output, config, resources)
+
+        outcome = collector.run(work.rows, render_pass, config.max_retries)
     finally:
-        context.max_errored_blocks, context.autoscaling_config, context.op_resource_reservation_enabled = saved
-
-
-def _run(
-    config: JobConfig,
-    card: ModelCard,
-    output: str,
-    manifest: Manifest,
-    resources: Resources,
-    log: Callable[[str], None],
-) -> JobSummary:
-    done = finished_requests(output)
-    rows = read_manifest(manifest, resources).map_batches(
-        ValidateRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids, done=done),
-        batch_format="pyarrow",
-        num_cpus=resources.read_num_cpus,  # the read's: Ray Data fuses reading and validating into one task
+        ray.kill(control)
+    committed_unseen = index.close()  # a stopped run's last videos: committed, their rows not yet back
+    storage.remove_empty_dir(records_dir(output))
+    if not outcome.stopped:
+        storage.remove_empty_dir(segments_dir(output))
+        storage.remove_tree(embeddings_dir(output))  # cheap to make again for a row that failed
+    log(f"results index: {results_dir(output)}")
+    failed = outcome.failed + work.failed.num_rows
+    done = outcome.done + committed_unseen + work.skipped
+    left = manifest.num_rows - done - failed
+    return JobSummary(
+        total=manifest.num_rows,
+        done=done,
+        failed=failed,
+        index_uri=results_dir(output),
+        skipped=work.skipped,
+        left=left,
+        stopped=outcome.stopped and left > 0,  # a signal after the last row came back stops nothing
     )
-    videos = rows_on_driver(rows)  # rows an earlier run finished keep their index rows and are not rendered again
-    skipped = manifest.num_rows - len(videos)
-    if skipped:
-        log(f"skipping {skipped} rows already done in {output}")
-    segments = sum(row["num_segments"] or 0 for row, _ in videos)
-    progress = Progress(total_videos=len(videos), total_segments=segments, log=log)
-    writer = WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents)
-
-    def render_and_write(pending: list[Video]) -> Dataset:
-        blocks = [block for _, block in schedule(pending, longest_first=config.longest_first)]
-        with render_pass_context():  # only here: a failed read or validation must fail the job, not drop rows
-            source = ray.data.from_arrow_refs(blocks)
-        encoded = encode_prompts(source, card, output, resources, config.pipeline)
-        rendered = render_videos(encoded, card, output, resources, config.pipeline, progress.counter)
-        return rendered.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=resources.write_num_cpus)
-
-    summary = collect_results(videos, render_and_write, output, progress, log, config.max_retries)
-    return dataclasses.replace(summary, total=manifest.num_rows, done=summary.done + skipped, skipped=skipped)
-
-
-def rows_on_driver(rows: Dataset) -> list[Video]:
-    """Each validated row still to render, with a one-row block of its own in the object store. The rows are small
-    (id, parameters, plan), so the driver keeps them: scheduling, progress totals and retries then need no further
-    Ray Data passes over them. One row per block: a block is one actor task, so this is what spreads videos over
-    the pool (and confines a task that gives up to its own row)."""
-    videos = []
-    for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in table.to_pylist():
-            if not row["skipped"]:
-                # A table of its own, not a slice: a slice serializes its parent's whole buffers (10 MB a row for a
-                # 10k-row block).
-                videos.append((row, ray.put(pa.Table.from_pylist([row], schema=table.schema))))
-    return videos
-
-
-def schedule(videos: list[Video], *, longest_first: bool) -> list[Video]:
-    """The order videos reach the render pool in. Longest first: the most work (transformer passes from the plan
-    times pixels per frame) starts first, so a long video does not start last and run alone while the other
-    actors idle. Failed rows cost nothing and go last; ties keep the order the rows were read in."""
-    if not longest_first:
-        return videos
-    return sorted(videos, key=lambda video: -render_work(video[0]))
-
-
-def render_work(row: dict) -> int:
-    if row["error"]:
-        return 0
-    params = json.loads(row["params"])
-    return row["cost"] * params["height"] * params["width"]
-
-
-def plan_job(config: JobConfig) -> Iterator[dict]:
-    """--dry-run: each row's segment plan (or its error) and then the totals, without Ray or a GPU."""
-    card = card_for(config.model)
-    manifest = open_manifest(config.manifest)
-    validate = ValidateRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids)
-    videos = segments = cost = failed = 0
-    for raw in read_rows(manifest):
-        row = validate.validate(raw)
-        if row.get("error"):
-            failed += 1
-            yield {"id": row["id"], "error": row["error"]}
-            continue
-        plan = plan_for(RenderParams.model_validate_json(row["params"]))
-        videos, segments, cost = videos + 1, segments + len(plan.segments), cost + plan.cost
-        yield plan.as_json(row["id"])
-    yield {"total": {"videos": videos, "segments": segments, "cost": cost, "failed": failed}}
 
 
 def read_manifest(manifest: Manifest, resources: Resources) -> Dataset:
     return ray.data.read_parquet(
         manifest.files,
         filesystem=storage.arrow_filesystem(manifest.fs),
-        columns=manifest.columns,
         schema=manifest.schema,
         num_cpus=resources.read_num_cpus,
+    ).select_columns(manifest.columns)
+
+
+def plan_work(
+    rows: Dataset, card: ModelCard, config: JobConfig, manifest: Manifest, finished: pa.Table, resources: Resources
+) -> WorkList:
+    """Validate and plan every row (fused into the read tasks), then decide on the driver what to render and in
+    which order: rows that failed go to the index, rows an earlier run finished for the same request are skipped,
+    the rest are ordered by work, the longest first (`--manifest-order` keeps the manifest's order)."""
+    planner = PlanRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids)
+    planned = rows.map_batches(planner, batch_size=None, batch_format="pyarrow", num_cpus=resources.read_num_cpus)
+    batches = list(planned.iter_batches(batch_size=None, batch_format="pyarrow"))
+    table = pa.concat_tables(batches) if batches else _empty_plan(manifest)
+    del batches
+    failed = table.filter(pc.is_valid(table["error"])).select(["id", "error"])
+    done = pc.is_in(_request_keys(table), _request_keys(finished))
+    todo = table.filter(pc.and_(pc.is_null(table["error"]), pc.invert(pc.fill_null(done, False))))
+    # Only what the passes need from here on (`id` is PLANNED's: a string whatever the manifest's type).
+    rows, work = todo.select(["num_segments", *manifest.columns]), todo["work"]
+    del table, todo
+    if config.longest_first:  # Arrow's sort is stable: ties keep the manifest's order
+        rows = rows.take(pc.sort_indices(pa.table({"work": work}), sort_keys=[("work", "descending")]))
+    return WorkList(rows=rows, failed=failed, skipped=pc.sum(done).as_py() or 0)
+
+
+def admit_rows(
+    rows: pa.Table, card: ModelCard, config: JobConfig, resources: Resources, control: ActorHandle
+) -> Dataset:
+    """The render pass's source: the rows to render in blocks of SOURCE_BLOCK_ROWS, resolved again, then handed out
+    one row per block as the render pool takes them. One task at a time, on the driver's node: rows leave in the
+    work list's order, and the task lives as long as the pass, so a preemptible node must not hold it."""
+    blocks = [rows.slice(start, SOURCE_BLOCK_ROWS) for start in range(0, rows.num_rows, SOURCE_BLOCK_ROWS)]
+    with render_pass_context():  # only here: a failed read or validation must fail the job, not drop rows
+        source = ray.data.from_arrow([block.drop_columns(["num_segments"]) for block in blocks])
+    one_at_a_time = dict(
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=TaskPoolStrategy(size=1),
+        num_cpus=resources.read_num_cpus,
+        label_selector=on_driver_node(),
     )
+    validated = source.map_batches(ValidateRows(card, max_frames=config.max_frames), **one_at_a_time)
+    return validated.map_batches(AdmitRows(control), **one_at_a_time)
 
 
 def encode_prompts(
-    rows: Dataset, card: ModelCard, output: str, resources: Resources, options: PipelineOptions
+    rows: Dataset,
+    card: ModelCard,
+    output: str,
+    resources: Resources,
+    options: PipelineOptions,
+    control: ActorHandle,
 ) -> Dataset:
     return on_actor_pool(
         rows,
         EncodePrompts,
         # One torch thread: on CPU the encoder works beside the render actors, on their cores.
-        dict(card=card, output=output, device=resources.device, options=options, torch_threads=1),
+        dict(card=card, output=output, device=resources.device, options=options, torch_threads=1, control=control),
         pool=ActorPoolStrategy(min_size=1, max_size=resources.text_workers),
         num_gpus=resources.text_num_gpus,
         num_cpus=resources.text_num_cpus,
@@ -204,7 +205,7 @@ def render_videos(
     output: str,
     resources: Resources,
     options: PipelineOptions,
-    progress: ActorHandle,
+    control: ActorHandle,
 ) -> Dataset:
     return on_actor_pool(
         rows,
@@ -215,7 +216,7 @@ def render_videos(
             device=resources.device,
             options=options,
             torch_threads=resources.torch_threads,
-            progress=progress,
+            control=control,
         ),
         # One video at a time per actor: a free actor always takes the next waiting video instead of it queueing
         # behind a busy actor's long one.
@@ -226,6 +227,11 @@ def render_videos(
         num_cpus=resources.render_num_cpus,
         resources=resources.render_resources or None,
     )
+
+
+def write_videos(rows: Dataset, output: str, config: JobConfig, resources: Resources) -> Dataset:
+    writer = WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents)
+    return rows.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=resources.write_num_cpus)
 
 
 def on_actor_pool(
@@ -239,8 +245,8 @@ def on_actor_pool(
     resources: dict[str, float] | None = None,
 ) -> Dataset:
     """A stage class on an actor pool, one row per call. A dead actor (preempted node, OOM kill) is replaced; its
-    row comes back in the next round of collect_results. Not retried here: Ray retries against a lost node before
-    it is declared dead, which spends every retry in a second."""
+    row comes back in the next pass (collect.py). Not retried here: Ray retries against a lost node before it is
+    declared dead, which spends every retry in a second."""
     return rows.map_batches(
         stage,
         fn_constructor_kwargs=constructor_kwargs,
@@ -255,94 +261,73 @@ def on_actor_pool(
     )
 
 
-class Progress:
-    """Videos and segments done, printed as they finish (stdout, so `ray job logs` shows it too)."""
+@contextlib.contextmanager
+def render_pass_context() -> Iterator[None]:
+    """The Ray Data settings of a render pass. A dataset keeps the context it was created under, and datasets
+    derived from it share it, so this wraps the creation of the render pass's own source dataset.
 
-    def __init__(self, *, total_videos: int, total_segments: int, log: Callable[[str], None]) -> None:
-        self.total_videos = total_videos
-        self.total_segments = total_segments
-        self.log = log
-        self.counter = start_segment_counter()
-        self.counts: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._last_line = ""
-        self._ticker = threading.Thread(target=self._tick, daemon=True)
-        self._ticker.start()
-
-    def video_finished(self, status: str) -> None:
-        self.counts[status] += 1
-        self._report()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._report()
-
-    def _tick(self) -> None:
-        while not self._stop.wait(PROGRESS_INTERVAL_S):
-            self._report()
-
-    def _report(self) -> None:
-        segments = ray.get(self.counter.value.remote())
-        videos = self.counts["done"] + self.counts["failed"]
-        line = (
-            f"videos {videos}/{self.total_videos} ({self.counts['failed']} failed), "
-            f"segments {segments}/{self.total_segments}"
-        )
-        if line != self._last_line:
-            self._last_line = line
-            self.log(line)
-
-
-def record(results: list[dict], result: dict, progress: Progress, log: Callable[[str], None]) -> None:
-    results.append(result)
-    if result["error"]:
-        log(f"failed: {result['error']}")
-    progress.video_finished(result["status"])
-
-
-def collect_results(
-    videos: list[Video],
-    render_and_write: Callable[[list[Video]], Dataset],
-    output: str,
-    progress: Progress,
-    log: Callable[[str], None],
-    max_retries: int,
-) -> JobSummary:
-    """Stream the (small) result rows to the driver, report progress, write the index.
-
-    A row whose render actor died (a lost node, OOM, a crash) never comes back from its round; it goes into the
-    next round, up to max_retries more, resuming from its persisted segments, and is then recorded as failed.
+    - A row whose render task gave up loses its block instead of failing the job: the collector retries the
+      row, then reports it as failed.
+    - Every block a stage outputs holds one row (a block's byte target of 1): AdmitRows yields one row at a time,
+      and an actor takes a whole block.
+    - The pool grows once every actor is busy. Ray Data's default threshold (175% of one task per actor) is never
+      reached with one video per actor, and a `--workers 1:8` pool would stay at one actor.
+    - Pools are sized by --workers, not by per-operator resource budgets. Ray Data's budgets split the resources
+      the cluster has now between the pass's operators, so a pool never asks for an actor the cluster cannot
+      already place, and the cluster autoscaler, which adds nodes for pending actors, never sees a reason to
+      grow (seen with the text-encoding pool as a third operator: `--workers 1:2` stayed at one actor).
     """
-    results: list[dict] = []
-    lost = {row["id"] for row, _ in videos}
-    try:
-        for attempt in range(max_retries + 1):
-            if not lost:
-                break
-            if attempt:
-                log(f"{len(lost)} rows lost their render actor; attempt {attempt + 1} of {max_retries + 1}")
-            pending = [video for video in videos if video[0]["id"] in lost]
-            for batch in render_and_write(pending).iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in batch.to_pylist():
-                    record(results, result_row(row), progress, log)
-            lost -= {result["id"] for result in results}
-        for video_id in sorted(lost):
-            message = (
-                f"row {video_id!r}: render actor died {max_retries + 1} times while rendering this row "
-                "(out of memory, a lost node or a crash); gave up (--max-retries)"
-            )
-            record(results, result_row({"id": video_id, "error": message}), progress, log)
-    finally:
-        progress.close()
-    index_uri = write_index(output, results)
-    storage.remove_empty_dir(storage.join(output, "_segments"))
-    storage.remove_tree(embeddings_dir(output))  # cheap to make again for a row that failed
-    log(f"results index: {index_uri}")
-    failed = [result["error"] for result in results if result["error"]]
-    return JobSummary(
-        total=progress.total_videos,
-        done=len(results) - len(failed),
-        failed=len(failed),
-        index_uri=index_uri,
-        errors=failed,
+    context = DataContext.get_current()
+    names = ("max_errored_blocks", "autoscaling_config", "op_resource_reservation_enabled", "target_max_block_size")
+    saved = {name: getattr(context, name) for name in names}
+    context.max_errored_blocks = -1
+    context.autoscaling_config = dataclasses.replace(
+        saved["autoscaling_config"], actor_pool_util_upscaling_threshold=1.0
     )
+    context.op_resource_reservation_enabled = False
+    context.target_max_block_size = 1
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
+
+
+def remove_finished_segments(output: str, finished: pa.Table) -> None:
+    """Segments of videos an earlier run committed but was killed before it removed them."""
+    leftovers = pa.array(storage.list_names(segments_dir(output)), pa.string())
+    for video_id in leftovers.filter(pc.is_in(leftovers, finished["id"])).to_pylist():
+        storage.remove_tree(storage.join(segments_dir(output), video_id))
+
+
+def plan_job(config: JobConfig) -> Iterator[dict]:
+    """--dry-run: each row's segment plan (or its error) and then the totals, without Ray or a GPU."""
+    card = card_for(config.model)
+    manifest = open_manifest(config.manifest)
+    planner = PlanRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids)
+    videos = segments = cost = failed = 0
+    for batch in read_batches(manifest):
+        for raw in batch.to_pylist():
+            row = planner.validate(raw)
+            if row.get("error"):
+                failed += 1
+                yield {"id": row["id"], "error": row["error"]}
+                continue
+            plan = row["plan"]
+            videos, segments, cost = videos + 1, segments + len(plan.segments), cost + plan.cost
+            yield plan.as_json(row["id"])
+    yield {"total": {"videos": videos, "segments": segments, "cost": cost, "failed": failed}}
+
+
+def _request_keys(table: pa.Table) -> pa.Array:
+    """`id` and `request_hash` as one key: a row is done only for the request it was made for."""
+    return pc.binary_join_element_wise(table["id"], table["request_hash"], "\0")
+
+
+def _failed_rows(failed: pa.Table) -> list[dict]:
+    return [{**row, "status": "failed"} for row in failed.to_pylist()]
+
+
+def _empty_plan(manifest: Manifest) -> pa.Table:
+    manifest_fields = [field for field in manifest.schema if field.name in manifest.columns and field.name != "id"]
+    return pa.schema([*PLANNED, *manifest_fields]).empty_table()

@@ -6,11 +6,15 @@ A long video (`num_frames > base_num_frames` with `overlap_history`) is generate
 
     n_iter = 1 + (L - B - 1) // (B - O) + 1          B, O: base and overlap in latent frames
     window k > 0 starts at k (B - O) and is min(L - k (B - O) - O + O, B) = min(remaining + O, B) long
+
+A plan depends on a handful of parameters, so each distinct plan is computed once (`plan_video` is cached): a
+million-row manifest has a few dozen.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 TEMPORAL_FACTOR = 4
 
@@ -71,6 +75,22 @@ class VideoPlan:
         }
 
 
+def denoising_iterations(
+    *, num_latent_frames: int, num_inference_steps: int, ar_step: int, num_pre_ready: int, causal_block_size: int
+) -> int:
+    """Rows of diffusers' timestep matrix (`generate_timestep_matrix`): the transformer passes, per guidance branch,
+    of one window. Its loop advances the window's causal blocks until every one has taken all S steps: the first
+    block still waiting takes S rows, and each later block finishes min(ar_step, S) rows after the one before it
+    (ar_step behind it while that one runs, or starting from zero when ar_step > S). Blocks of the overlap that
+    fill a whole causal block are ready from the start. tests/test_plan.py checks this against diffusers' loop."""
+    steps = num_inference_steps
+    waiting = num_latent_frames // causal_block_size - num_pre_ready // causal_block_size
+    if waiting <= 0:
+        return 0
+    return steps + (waiting - 1) * min(ar_step, steps)
+
+
+@lru_cache(maxsize=1024)
 def plan_video(
     *,
     num_frames: int,
@@ -88,8 +108,6 @@ def plan_video(
     given last image's latent frame rides at the end of the final window, frozen (flf2v). `continues_clip` (v2v):
     the video continues a given clip; `num_frames` counts the new frames (a multiple of 4) and the first window
     starts with the clip's last `overlap_history` frames as latents, as diffusers' video-to-video does."""
-    from skyreels_batch.diffusion_forcing import denoising_iterations
-
     if continues_clip:
         overlap = latent_frames(overlap_history)
         total = overlap + num_frames // TEMPORAL_FACTOR

@@ -1,14 +1,34 @@
-"""The results index: `<output>/results/`, a Parquet dataset with one row per manifest row."""
+"""The results index, `<output>/results/`: one row per manifest row, readable while a job runs.
+
+- **Records.** The writer stage proves each video it commits: right after the MP4 it writes the video's index row
+  as `<output>/_records/<id>.json`. An MP4 without a record is not trusted (the writer may have died between the
+  two), and a record is only believed while its MP4 is there.
+- **During a run the index only grows.** Every few seconds the driver writes the rows that came back since the last
+  time (done, failed) as a new file, `results/part-<run>-<n>.parquet`, then deletes their records. Files are never
+  changed or deleted while the run goes on, so a reader (pandas, Ray Data, on S3 too: they take a file's size from
+  the listing, so a file replaced under them is a torn read) always reads whole files. No id is listed twice: rows
+  of ids the run writes again were taken out of the shards when it started.
+- **Between runs the index is SHARDS files**, `results/shard-NN.parquet`; an id always lives in the shard its hash
+  names. A run folds its parts into the shards when it ends (or stops), and a run that starts folds in what a
+  killed one left (its parts and records). Only during those folds, seconds long, can a reader see a row twice or
+  find a file replaced under it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
+import threading
 import time
 import uuid
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skyreels_batch import storage
@@ -39,10 +59,30 @@ RESULTS = pa.schema(
     ]
 )
 PARAM_COLUMNS = ("prompt", "num_frames", "fps", "width", "height", "seed", "model")
+# Enough that a fold rewrites a small part of a million-row index, few enough to read in one go.
+SHARDS = 64
+# Rows a fold holds at once (about 1 KB each, most of it `params`): a fold of more goes shard group by shard group.
+FOLD_ROWS = 200_000
 
 
 def results_dir(output: str) -> str:
     return storage.join(output, "results")
+
+
+def records_dir(output: str) -> str:
+    return storage.join(output, "_records")
+
+
+def record_uri(output: str, video_id: str) -> str:
+    return storage.join(records_dir(output), f"{video_id}.json")
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:02d}.parquet"
+
+
+def shard_of(video_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(video_id.encode()).digest()[:4], "big") % SHARDS
 
 
 def result_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -57,42 +97,133 @@ def result_row(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_index(output: str, rows: list[dict[str, Any]]) -> str:
-    """Write this run's rows as one Parquet file, keeping earlier runs' rows for ids this run did not touch,
-    then remove the earlier files. Returns the new file's URI."""
-    directory = results_dir(output)
-    earlier = storage.list_files(directory, ".parquet")
-    touched = {row["id"] for row in rows}
-    kept = [row for row in read_index_files(earlier) if row["id"] not in touched]
-    name = f"results-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
+def write_record(output: str, result: dict[str, Any]) -> None:
+    """The proof that a video was committed, and for which request: its index row, next to nothing else."""
+    text = json.dumps(result, default=lambda value: value.isoformat(), sort_keys=True)
+    storage.write_bytes_atomic(record_uri(output, result["id"]), text.encode())
+
+
+def read_record(uri: str) -> dict[str, Any]:
+    row = json.loads(storage.read_bytes(uri))
+    if row.get("render_started"):
+        row["render_started"] = datetime.fromisoformat(row["render_started"])
+    return row
+
+
+class ResultsIndex:
+    """The index of one output, for one run. Opening it folds in what earlier runs left outside the shards; `add`
+    queues rows (thread-safe), `flush` writes them as a part, `close` folds the run's parts into the shards."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.parts: list[str] = []
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._fold_records(self._unfolded_files())
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        with self._lock:
+            for row in rows:
+                self._pending[row["id"]] = row
+
+    def flush(self) -> int:
+        """Write the queued rows as a new part and delete their records; returns how many rows were written."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return 0
+        uri = storage.join(results_dir(self.output), f"part-{self.run}-{len(self.parts):06d}.parquet")
+        _write_table(uri, pa.Table.from_pylist(list(pending.values()), schema=RESULTS))
+        self.parts.append(uri)
+        storage.remove_files([record_uri(self.output, video_id) for video_id in pending])
+        return len(pending)
+
+    def retract(self, video_ids: pa.Array) -> None:
+        """Take these ids' rows out of the shards: the run writes them again (a row that failed, a changed request,
+        an MP4 gone missing), and the index must not list an id twice meanwhile."""
+        for name in self._shard_names():
+            uri = storage.join(results_dir(self.output), name)
+            if pc.any(pc.is_in(_read_table(uri, ["id"])["id"], video_ids)).as_py():
+                table = _read_table(uri)
+                _write_table(uri, table.filter(pc.invert(pc.is_in(table["id"], video_ids))))
+
+    def close(self) -> int:
+        """Fold this run's parts into the shards, and the records of videos its writers committed that the driver
+        has not seen (a stopped run's last ones); returns how many such records there were."""
+        self.flush()
+        folded = self._fold_records(self.parts)
+        self.parts = []
+        return folded
+
+    def _fold_records(self, files: list[str]) -> int:
+        records = storage.list_files(records_dir(self.output), ".json")
+        self._fold(files, [read_record(uri) for uri in records])
+        storage.remove_files(records)
+        return len(records)
+
+    def finished(self) -> pa.Table:
+        """`id`, `request_hash` of every video done for the request it was made for and still committed: done in
+        the shards (opening the index folded in every record) and its MP4 in `videos/`."""
+        uris = [storage.join(results_dir(self.output), name) for name in self._shard_names()]
+        columns = ["id", "status", "request_hash"]
+        tables = [_read_table(uri, columns) for uri in uris]
+        index = pa.concat_tables(tables) if tables else RESULTS.empty_table().select(columns)
+        done = index.filter(pc.equal(index["status"], "done")).select(["id", "request_hash"])
+        videos = storage.list_names(storage.join(self.output, "videos"), ".mp4")
+        committed = [name.removesuffix(".mp4") for name in videos if not name.startswith(".")]
+        return done.filter(pc.is_in(done["id"], pa.array(committed, pa.string())))
+
+    def _unfolded_files(self) -> list[str]:
+        """Parts of runs that were killed, and index files of the layout before shards (one file per run)."""
+        files = storage.list_files(results_dir(self.output), ".parquet")
+        return [uri for uri in files if uri.rsplit("/", 1)[-1] not in _SHARDS]
+
+    def _shard_names(self) -> list[str]:
+        return [name for name in storage.list_names(results_dir(self.output)) if name in _SHARDS]
+
+    def _fold(self, files: list[str], rows: list[dict[str, Any]]) -> None:
+        """Merge the rows of `files` (in name order, later rows winning: part and older index names sort by time),
+        then `rows`, into the shards, a group of shards at a time; then delete the files."""
+        groups = max(1, math.ceil((sum(_num_rows(uri) for uri in files) + len(rows)) / FOLD_ROWS))
+        for group in range(groups):
+            latest: dict[str, dict[str, Any]] = {}
+            # Rows, not a cast: an older index file may lack a column added since (null for its rows).
+            for table in [*(_read_table(uri) for uri in sorted(files)), pa.Table.from_pylist(rows, schema=RESULTS)]:
+                for row in table.to_pylist():
+                    if shard_of(row["id"]) % groups == group:
+                        latest[row["id"]] = row
+            by_shard: dict[int, list[dict[str, Any]]] = {}
+            for row in latest.values():
+                by_shard.setdefault(shard_of(row["id"]), []).append(row)
+            for shard, shard_rows in sorted(by_shard.items()):
+                self._merge_into_shard(shard, pa.Table.from_pylist(shard_rows, schema=RESULTS))
+        storage.remove_files(files)
+
+    def _merge_into_shard(self, shard: int, rows: pa.Table) -> None:
+        uri = storage.join(results_dir(self.output), shard_name(shard))
+        try:
+            kept = _read_table(uri).cast(RESULTS)
+            kept = kept.filter(pc.invert(pc.is_in(kept["id"], rows["id"])))
+        except FileNotFoundError:
+            kept = RESULTS.empty_table()
+        _write_table(uri, pa.concat_tables([kept, rows]))
+
+
+_SHARDS = frozenset(shard_name(shard) for shard in range(SHARDS))
+
+
+def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
+
+
+def _num_rows(uri: str) -> int:
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as file:  # the footer only
+        return pq.ParquetFile(file).metadata.num_rows
+
+
+def _write_table(uri: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(kept + rows, schema=RESULTS), buffer)
-    uri = storage.join(directory, name)
+    pq.write_table(table.sort_by("id"), buffer, compression="zstd")
     storage.write_bytes_atomic(uri, buffer.getvalue())
-    for old in earlier:
-        storage.remove_tree(old)
-    return uri
-
-
-def finished_requests(output: str) -> dict[str, str]:
-    """id -> request hash of the videos an earlier run finished: `done` in the index and its MP4 committed.
-    Cheap: the index files and one listing of `videos/`; no video is read."""
-    done = {
-        row["id"]: row["request_hash"]
-        for row in read_index_files(storage.list_files(results_dir(output), ".parquet"))
-        if row["status"] == "done" and row.get("request_hash")
-    }
-    committed = {
-        uri.rsplit("/", 1)[-1].removesuffix(".mp4")
-        for uri in storage.list_files(storage.join(output, "videos"), ".mp4")
-    }
-    return {video_id: request for video_id, request in done.items() if video_id in committed}
-
-
-def read_index_files(uris: list[str]) -> list[dict[str, Any]]:
-    """Rows of index files, later files winning for the same id (file names sort by time)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for uri in sorted(uris):
-        for row in pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist():
-            latest[row["id"]] = row
-    return list(latest.values())

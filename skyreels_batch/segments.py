@@ -21,9 +21,13 @@ from skyreels_batch import storage
 from skyreels_batch.schema import RenderParams
 
 
+def segments_dir(output: str) -> str:
+    return storage.join(output, "_segments")
+
+
 class SegmentStore:
     def __init__(self, output: str, video_id: str) -> None:
-        self.root = storage.join(output, "_segments", video_id)
+        self.root = storage.join(segments_dir(output), video_id)
 
     @property
     def clip_uri(self) -> str:

@@ -6,6 +6,7 @@ given the same fsspec filesystem (its own S3 client ignores AWS_ENDPOINT_URL).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -82,6 +83,35 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
         return []
     names = [info["name"] for info in fs.ls(path, detail=True) if info["type"] == "file"]
     return [join(uri, name.rsplit("/", 1)[-1]) for name in sorted(names) if name.endswith(suffix)]
+
+
+def list_names(uri: str, suffix: str = "") -> list[str]:
+    """Names of the entries directly under a directory URI that end with `suffix`: no stat and no dict per entry,
+    so a million-video folder lists in a few hundred MB less than `list_files` would take."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        try:
+            with os.scandir(path) as entries:
+                return sorted(entry.name for entry in entries if entry.name.endswith(suffix))
+        except FileNotFoundError:
+            return []
+    names = [name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)] if fs.exists(path) else []
+    fs.invalidate_cache(path)  # s3fs would otherwise keep the whole listing for the life of the process
+    return sorted(name for name in names if name.endswith(suffix))
+
+
+def remove_files(uris: list[str]) -> None:
+    """Remove files, one request per thousand on object stores; files already gone are fine."""
+    if not uris:
+        return
+    fs, _ = filesystem(uris[0])
+    paths = [filesystem(uri)[1] for uri in uris]
+    if is_local(fs):
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return
+    fs.rm(paths)
 
 
 def remove_empty_dir(uri: str) -> None:

@@ -78,3 +78,15 @@ def test_the_image_installs_the_project_with_the_readmes_torch_pin() -> None:
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert f"rayproject/ray:{ray.__version__}-" in dockerfile
     assert TORCH_PIN in dockerfile and TORCH_PIN in (REPO / ".ci" / "run").read_text()
+
+
+def test_ray_job_stop_waits_longer_than_the_jobs_clean_stop_on_every_head() -> None:
+    """`ray job stop` SIGTERMs the driver and SIGKILLs it RAY_JOB_STOP_WAIT_TIME_S later (Ray's default: 3 s)."""
+    grace = build_parser().get_default("stop_grace")
+    head = load("deploy/rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    env = {item["name"]: item["value"] for item in head["containers"][0]["env"]}
+    assert float(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= grace + 20
+    assert head["terminationGracePeriodSeconds"] > float(env["RAY_JOB_STOP_WAIT_TIME_S"])
+    (start,) = [command for command in load("cluster.yaml")["head_start_ray_commands"] if "ray start" in command]
+    wait = float(start.split("RAY_JOB_STOP_WAIT_TIME_S=")[1].split(";")[0])
+    assert wait >= grace + 20 and start.index("RAY_JOB_STOP_WAIT_TIME_S") < start.index("ray start")

@@ -18,6 +18,7 @@ from PIL import Image
 from skyreels_batch.cli import main
 from skyreels_batch.config import JobConfig
 from skyreels_batch.pipeline import run_job
+from skyreels_batch.results import shard_name, shard_of
 from tests.conftest import BUCKET, REPO, decode, write_manifest
 
 pytestmark = pytest.mark.slow
@@ -93,7 +94,9 @@ def test_rerunning_skips_done_rows_and_rerenders_a_lost_video_bit_identically(lo
     assert before == after
     results = pd.read_parquet(output / "results")
     assert len(results) == len(GOOD + BAD) and results.id.is_unique
-    assert len(list((output / "results").iterdir())) == 1
+    # The index is the shards its ids hash to, rewritten in place: no file per run.
+    shards = {shard_name(shard_of(row["id"])) for row in GOOD + BAD}
+    assert sorted(path.name for path in (output / "results").iterdir()) == sorted(shards)
     rerendered = results.set_index("id").loc["beta"]
     assert rerendered.status == "done" and rerendered.checksum == hashlib.sha256(before["beta.mp4"]).hexdigest()
 
@@ -201,6 +204,8 @@ def test_a_nightly_run_over_a_growing_folder_renders_only_the_new_rows(ray_local
 
     nothing_new = run_job(JobConfig(manifest=str(folder), output=str(output)), log=lambda _: None)
     assert (nothing_new.total, nothing_new.done, nothing_new.skipped, nothing_new.failed) == (3, 3, 3, 0)
+    # Three runs into one output: the index is its shards (the runs' parts folded in), no file per run.
+    assert all(path.name.startswith("shard-") for path in (output / "results").iterdir())
 
     # The index is the rendered dataset: readable by Ray Data (and pandas), one row per video, checksums that match.
     index = ray.data.read_parquet(str(output / "results")).to_pandas().set_index("id")

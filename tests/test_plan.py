@@ -8,7 +8,7 @@ from diffusers import SkyReelsV2DiffusionForcingPipeline
 
 from skyreels_batch.embedded import materialize
 from skyreels_batch.models import card_for
-from skyreels_batch.plan import plan_video
+from skyreels_batch.plan import denoising_iterations, plan_video
 
 
 @pytest.mark.parametrize(("num_frames", "segments"), [(257, 3), (377, 5), (737, 9), (1457, 18)])
@@ -34,6 +34,69 @@ def test_short_video_is_one_window_and_guidance_off_halves_the_cost() -> None:
 def test_overlap_must_be_shorter_than_the_window() -> None:
     with pytest.raises(ValueError, match="overlap_history"):
         plan_video(num_frames=201, base_num_frames=17, overlap_history=17, num_inference_steps=2, guidance_scale=1.0)
+
+
+def test_the_pass_count_is_the_length_of_diffusers_timestep_matrix() -> None:
+    """plan.py counts the rows of diffusers' `generate_timestep_matrix` in closed form; here is diffusers' loop."""
+    checked = 0
+    for steps in (1, 2, 3, 5, 8):
+        template = torch.arange(steps, 0, -1) * (1000 // steps)
+        for frames in range(1, 14):
+            for block in (1, 2, 3, 5):
+                for ar_step in (0, 1, 2, 3, 7, 10):
+                    for ready in range(frames + 1):
+                        try:
+                            matrix, *_ = SkyReelsV2DiffusionForcingPipeline.generate_timestep_matrix(
+                                None, frames, template, frames, ar_step, ready, block
+                            )
+                        except RuntimeError:  # every block ready: diffusers stacks an empty list of rows
+                            matrix = []
+                        counted = denoising_iterations(
+                            num_latent_frames=frames,
+                            num_inference_steps=steps,
+                            ar_step=ar_step,
+                            num_pre_ready=ready,
+                            causal_block_size=block,
+                        )
+                        assert counted == len(matrix), (steps, frames, block, ar_step, ready)
+                        checked += 1
+    assert checked > 10_000
+
+
+def test_cached_plans_are_the_plans_computed_afresh() -> None:
+    cases = [
+        dict(num_frames=257, base_num_frames=97, overlap_history=17, num_inference_steps=30, guidance_scale=6.0),
+        dict(
+            num_frames=77,
+            base_num_frames=37,
+            overlap_history=17,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            ar_step=2,
+            causal_block_size=5,
+        ),
+        dict(
+            num_frames=96,
+            base_num_frames=37,
+            overlap_history=17,
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            continues_clip=True,
+        ),
+        dict(
+            num_frames=121,
+            base_num_frames=41,
+            overlap_history=9,
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            first_frame=True,
+            last_frame=True,
+        ),
+    ]
+    for case in cases:
+        cached = plan_video(**case)
+        assert plan_video(**case) is cached, "a second request is served from the cache"
+        assert plan_video.__wrapped__(**case) == cached
 
 
 @pytest.fixture(scope="module")

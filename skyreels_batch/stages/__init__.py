@@ -1,7 +1,8 @@
 """Pipeline stages. Each is one class: `__init__` does the expensive set-up once, `__call__(batch) -> batch` one job.
 
 Batches are pyarrow Tables. Every stage passes all rows on: a row that failed earlier carries its `error` and
-later stages leave it alone, so one bad row never stops the job.
+later stages leave it alone, so one bad row never stops the job. A row the job stopped before finishing (a clean
+stop) carries `stopped` and is left alone the same way; the next run renders it.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ VALIDATED = pa.schema(
         ("params", pa.string()),
         ("error", pa.string()),
         ("request_hash", pa.string()),
-        ("skipped", pa.bool_()),
         ("num_segments", pa.int64()),
         ("cost", pa.int64()),
+        ("stopped", pa.bool_()),
     ]
 )
 RENDERED = pa.schema(
@@ -70,7 +71,7 @@ class RowStage:
         return table([self._process_row(row) for row in batch.to_pylist()], self.output_schema)
 
     def _process_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        if row["error"]:
+        if row["error"] or row["stopped"]:
             return row
         params = RenderParams.model_validate_json(row["params"])
         try:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.actor import ActorHandle
+
 from skyreels_batch.config import PipelineOptions
+from skyreels_batch.control import stopping
 from skyreels_batch.embeddings import EmbeddingStore, texts_for
 from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import encode_text, load_text_encoder
@@ -15,7 +18,7 @@ from skyreels_batch.stages import VALIDATED, TorchRowStage
 class EncodePrompts(TorchRowStage):
     """Validated rows -> the same rows, once every text they are rendered with (each segment's prompt, the negative
     prompt) has its embeddings in `<output>/_embeddings/`. A text already there (another row's, or an earlier
-    attempt's) is not encoded again."""
+    attempt's) is not encoded again. Once the job is stopping, rows pass on `stopped`, unencoded."""
 
     output_schema = VALIDATED
     failure = "text encoding failed"
@@ -28,13 +31,17 @@ class EncodePrompts(TorchRowStage):
         device: str,
         torch_threads: int,
         options: PipelineOptions | None = None,
+        control: ActorHandle | None = None,
     ) -> None:
         self.pipeline = self.start_torch(lambda: load_text_encoder(card, device, options), torch_threads)
+        self.control = control
         self.store = EmbeddingStore(output, card.name)
         self.stored: set[str] = set()  # texts this actor knows are stored: no storage lookup for them again
         self.encoded = 0  # texts this actor encoded
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
+        if stopping(self.control):
+            return {"stopped": True}
         for text in texts_for(params):
             if text in self.stored:
                 continue

@@ -12,6 +12,7 @@ from PIL import Image
 from ray.actor import ActorHandle
 
 from skyreels_batch.config import PipelineOptions
+from skyreels_batch.control import may_start, segment_done
 from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment
 from skyreels_batch.embeddings import EmbeddingStore
 from skyreels_batch.inputs import (
@@ -39,6 +40,9 @@ class RenderVideos(TorchRowStage):
     the one before and from the generator state it left, both persisted with it, so any actor can pick a video up
     at its last finished segment after a failure. Frames go to storage, not into the batch: a 97-frame 544x960
     segment is 150 MB of uint8, which Ray Data's object store would otherwise hold and spill.
+
+    Once the job is stopping, an actor starts no new video, and a video in progress stops after the segment in
+    flight is persisted; either way the row passes on `stopped`, and the next run continues it.
     """
 
     output_schema = RENDERED
@@ -52,17 +56,19 @@ class RenderVideos(TorchRowStage):
         device: str,
         torch_threads: int,
         options: PipelineOptions | None = None,
-        progress: ActorHandle | None = None,
+        control: ActorHandle | None = None,
     ) -> None:
         self.card = card
         self.output = output
-        self.progress = progress
+        self.control = control
         self.pipeline = self.start_torch(lambda: load_pipeline(card, device, options), torch_threads)
         self.transformer_timer = ForwardTimer(self.pipeline.transformer)
         self.embeddings = EmbeddingStore(output, card.name)
         self.adapters: dict[str, str] = {}  # LoRA URI -> adapter name: each LoRA is loaded once per actor
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
+        if not may_start(self.control, params.id):
+            return {"stopped": True}
         started_at = datetime.now(timezone.utc)
         started, transformer_before = time.perf_counter(), self.transformer_timer.seconds
         params, conditioning = self._conditioning(params)
@@ -89,9 +95,9 @@ class RenderVideos(TorchRowStage):
                 decoder.skip(window[:, :, : segment.overlap])
             frames = to_uint8(decoder.decode(window[:, :, segment.overlap :]))
             store.save(segment.index, frames, window, generator.get_state())
-            if self.progress is not None:
-                self.progress.add.remote()
             previous = window
+            if not segment_done(self.control) and segment.index < len(plan.segments) - 1:
+                return {"stopped": True, "render_started": started_at}
         return {
             "params": params.model_dump_json(),
             "num_segments": len(plan.segments),

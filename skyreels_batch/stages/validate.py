@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
+from typing import Any
 
 import pyarrow as pa
 
@@ -11,28 +12,41 @@ from skyreels_batch.models import ModelCard
 from skyreels_batch.schema import RowError, plan_for, resolve, row_label
 from skyreels_batch.stages import VALIDATED, table
 
+# What the driver plans a job by, for every manifest row: small enough to hold for a million rows.
+PLANNED = pa.schema(
+    [
+        ("id", pa.string()),
+        ("error", pa.string()),
+        ("request_hash", pa.string()),
+        ("num_segments", pa.int64()),
+        ("cost", pa.int64()),
+        ("work", pa.int64()),  # transformer passes x pixels per frame: the longest-first order
+    ]
+)
+
 
 class ValidateRows:
-    """Manifest rows -> `id`, `params` (resolved JSON), the plan's size and whether an earlier run already made
-    this video (`skipped`), or `error`. Cheap: plain Ray tasks."""
+    """Manifest rows -> `id`, `params` (resolved JSON), the plan's size, or `error`.
+
+    The render pass's first stage: the driver holds manifest rows, not resolved ones (a million rows' parameters
+    would be a gigabyte), so each row is resolved again as it enters the pass, as it was when the job was planned.
+    Cheap: plain Ray tasks."""
 
     def __init__(
         self,
         card: ModelCard,
         *,
         max_frames: int,
-        duplicate_ids: Collection[str],
-        done: Mapping[str, str] | None = None,
+        duplicate_ids: Collection[str] = (),
     ) -> None:
         self.card = card
         self.max_frames = max_frames
         self.duplicate_ids = frozenset(duplicate_ids)
-        self.done = dict(done or {})  # id -> request hash of rows an earlier run finished
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table([self.validate(raw) for raw in batch.to_pylist()], VALIDATED)
 
-    def validate(self, raw: dict) -> dict:
+    def validate(self, raw: dict[str, Any]) -> dict[str, Any]:
         video_id = raw.get("id")
         shown_id = video_id if isinstance(video_id, str) else repr(video_id)
         if video_id in self.duplicate_ids:
@@ -43,12 +57,27 @@ class ValidateRows:
             return {"id": shown_id, "error": str(error)}
         plan = plan_for(params)
         request = params.model_dump_json()
-        request_hash = hashlib.sha256(request.encode()).hexdigest()
+        # Rows sized by their image have no size yet: the model's default area stands in for it.
+        pixels = (params.height or self.card.defaults.height) * (params.width or self.card.defaults.width)
         return {
             "id": params.id,
             "params": request,
-            "request_hash": request_hash,
-            "skipped": self.done.get(params.id) == request_hash,
+            "request_hash": hashlib.sha256(request.encode()).hexdigest(),
             "num_segments": len(plan.segments),
             "cost": plan.cost,
+            "work": plan.cost * pixels,
+            "plan": plan,  # for --dry-run; not a column
         }
+
+
+class PlanRows(ValidateRows):
+    """Manifest rows -> the same rows with PLANNED's columns (`id` as the index shows it): what the driver
+    schedules, skips and reports by. The planning pass of the job, fused into its read tasks, and --dry-run."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        planned = table([self.validate(raw) for raw in batch.to_pylist()], PLANNED)
+        manifest_columns = batch.drop_columns([name for name in PLANNED.names if name in batch.column_names])
+        return pa.Table.from_arrays(
+            [*planned.columns, *manifest_columns.columns],
+            names=[*PLANNED.names, *manifest_columns.column_names],
+        )

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from skyreels_batch import storage
+from skyreels_batch.results import result_row, write_record
 from skyreels_batch.schema import RenderParams, plan_for
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import WRITTEN, RowStage
@@ -26,7 +27,10 @@ def latents_uri(output: str, video_id: str) -> str:
 
 class WriteVideos(RowStage):
     """Rendered rows -> `uri`, `checksum` (sha256 of the MP4), `encode_s`; with `save_latents` also the video's
-    latents. Reads one segment at a time, so memory does not grow with length. CPU work: runs as Ray tasks."""
+    latents. Reads one segment at a time, so memory does not grow with length. CPU work: runs as Ray tasks.
+
+    Commits in this order: the MP4, then its record (results.py: the proof that it is done, and for which
+    request), then the segments are removed. Killed between any two, the next run redoes at most the MP4."""
 
     output_schema = WRITTEN
     failure = "writing the MP4 failed"
@@ -46,13 +50,15 @@ class WriteVideos(RowStage):
         saved_latents = self._save_latents(params, store, count) if self.save_latents else None
         uri = video_uri(self.output, params.id)
         storage.write_bytes_atomic(uri, mp4)
-        store.remove()
-        return {
+        written = {
             "uri": uri,
             "latents_uri": saved_latents,
             "checksum": hashlib.sha256(mp4).hexdigest(),
             "encode_s": time.perf_counter() - started,
         }
+        write_record(self.output, result_row({**row, **written}))
+        store.remove()
+        return written
 
     def _save_latents(self, params: RenderParams, store: SegmentStore, count: int) -> str:
         """`latents` [1, C, L, h, w]: the video's latents, each overlap once (what training on latents wants)."""

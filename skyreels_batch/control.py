@@ -1,0 +1,105 @@
+"""The job's control actor, shared by the driver and the stages: segment progress, the stop flag, how many rows may
+enter a render pass (admission), and which videos are being rendered (so that a stopping driver knows when the
+segments in flight have landed)."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ADMIT_POLL_S = 0.2
+# A row that waited this long for a render actor no longer counts against the window: it was lost with a node (the
+# next pass retries it) or the videos ahead of it are that long. Either way a larger window is harmless.
+WAITING_EXPIRES_S = 30 * 60.0
+
+
+@ray.remote(num_cpus=0)
+class JobControl:
+    def __init__(self, window: int, waiting_expires_s: float = WAITING_EXPIRES_S) -> None:
+        self.window = window
+        self.waiting_expires_s = waiting_expires_s
+        self.segments = 0
+        self.stopping = False
+        self.waiting: dict[str, float] = {}  # handed out to a pass, no render actor has started it yet
+        self.rendering: set[str] = set()  # started by a render actor, not yet back at the driver
+
+    def admit(self, video_id: str) -> bool | None:
+        """Whether a pass may hand out this row now: None while `window` rows wait for a render actor (ask again),
+        False once the job is stopping."""
+        if self.stopping:
+            return False
+        now = time.monotonic()
+        self.waiting = {key: since for key, since in self.waiting.items() if now - since < self.waiting_expires_s}
+        if len(self.waiting) >= self.window:
+            return None
+        self.waiting[video_id] = now
+        return True
+
+    def start_video(self, video_id: str) -> bool:
+        """Whether a render actor may start this video (no, once the job is stopping)."""
+        self.waiting.pop(video_id, None)
+        if not self.stopping:
+            self.rendering.add(video_id)
+        return not self.stopping
+
+    def segment_done(self) -> bool:
+        """Count a persisted segment; whether the video may go on to its next one."""
+        self.segments += 1
+        return not self.stopping
+
+    def returned(self, video_ids: list[str]) -> None:
+        """Rows the driver got back from the pass."""
+        for video_id in video_ids:
+            self.waiting.pop(video_id, None)
+            self.rendering.discard(video_id)
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def is_stopping(self) -> bool:
+        return self.stopping
+
+    def state(self) -> tuple[int, int]:
+        """Segments persisted so far, videos being rendered now."""
+        return self.segments, len(self.rendering)
+
+
+def start_job_control(window: int) -> ActorHandle:
+    """On the driver's node: it must live as long as the job, not as long as a preemptible worker node (a counter
+    lost with a node took the whole job down with it)."""
+    here = NodeAffinitySchedulingStrategy(driver_node_id(), soft=False)
+    return JobControl.options(scheduling_strategy=here).remote(window)
+
+
+def driver_node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def on_driver_node() -> dict[str, str]:
+    """A label selector (Ray labels every node with its id) for Ray Data stages that must run beside the driver."""
+    return {"ray.io/node-id": driver_node_id()}
+
+
+def admit(control: ActorHandle | None, video_id: str) -> bool:
+    """Wait until the pass may hand out this row; False once the job is stopping."""
+    while control is not None:
+        admitted = ray.get(control.admit.remote(video_id))
+        if admitted is not None:
+            return admitted
+        time.sleep(ADMIT_POLL_S)
+    return True
+
+
+def may_start(control: ActorHandle | None, video_id: str) -> bool:
+    return control is None or ray.get(control.start_video.remote(video_id))
+
+
+def segment_done(control: ActorHandle | None) -> bool:
+    return control is None or ray.get(control.segment_done.remote())
+
+
+def stopping(control: ActorHandle | None) -> bool:
+    return control is not None and ray.get(control.is_stopping.remote())

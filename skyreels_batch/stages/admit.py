@@ -1,0 +1,30 @@
+"""Admission into a render pass: rows one per block, handed out as fast as the render pool takes them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+from ray.actor import ActorHandle
+
+from skyreels_batch.control import admit
+
+
+class AdmitRows:
+    """Validated rows -> the same rows, one per block, each once the job control admits it.
+
+    One row per block is what spreads videos over the render pool: an actor takes a whole block. Ray Data's
+    backpressure counts bytes, and one-row blocks are a few hundred, so without a limit a pass would cut its whole
+    work list into one-row objects at once; the job control admits a row only while fewer than its window of rows
+    wait for a render actor. Once the job is stopping, nothing more is handed out. A generator: the pass runs one
+    of these at a time, so rows leave in the work list's order.
+    """
+
+    def __init__(self, control: ActorHandle | None = None) -> None:
+        self.control = control
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for index, video_id in enumerate(batch["id"].to_pylist()):
+            if not admit(self.control, video_id):
+                return
+            yield batch.take([index])  # a copy: a slice would carry (and serialize) the whole block's buffers
