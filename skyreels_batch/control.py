@@ -1,14 +1,18 @@
 """The job's control actor, shared by the driver and the stages: segment progress, the stop flag, how many rows may
 enter a render pass (admission), and which videos are being rendered (so that a stopping driver knows when the
-segments in flight have landed)."""
+segments in flight have landed).
+
+Ray is imported where it is used: the stages call these helpers with no control actor when they run outside a
+job (the tests, bench/gpu.py on a machine without Ray).
+"""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import ray
-from ray.actor import ActorHandle
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 ADMIT_POLL_S = 0.2
 # A row that waited this long for a render actor no longer counts against the window: it was lost with a node (the
@@ -16,8 +20,9 @@ ADMIT_POLL_S = 0.2
 WAITING_EXPIRES_S = 30 * 60.0
 
 
-@ray.remote(num_cpus=0)
 class JobControl:
+    """Run as a Ray actor (start_job_control)."""
+
     def __init__(self, window: int, waiting_expires_s: float = WAITING_EXPIRES_S) -> None:
         self.window = window
         self.waiting_expires_s = waiting_expires_s
@@ -67,14 +72,20 @@ class JobControl:
         return self.segments, len(self.rendering)
 
 
-def start_job_control(window: int) -> ActorHandle:
+def start_job_control(window: int, waiting_expires_s: float = WAITING_EXPIRES_S) -> ActorHandle:
     """On the driver's node: it must live as long as the job, not as long as a preemptible worker node (a counter
     lost with a node took the whole job down with it)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     here = NodeAffinitySchedulingStrategy(driver_node_id(), soft=False)
-    return JobControl.options(scheduling_strategy=here).remote(window)
+    actor = ray.remote(num_cpus=0)(JobControl).options(scheduling_strategy=here)
+    return actor.remote(window, waiting_expires_s)
 
 
 def driver_node_id() -> str:
+    import ray
+
     return ray.get_runtime_context().get_node_id()
 
 
@@ -86,7 +97,7 @@ def on_driver_node() -> dict[str, str]:
 def admit(control: ActorHandle | None, video_id: str) -> bool:
     """Wait until the pass may hand out this row; False once the job is stopping."""
     while control is not None:
-        admitted = ray.get(control.admit.remote(video_id))
+        admitted = _get(control.admit.remote(video_id))
         if admitted is not None:
             return admitted
         time.sleep(ADMIT_POLL_S)
@@ -94,12 +105,18 @@ def admit(control: ActorHandle | None, video_id: str) -> bool:
 
 
 def may_start(control: ActorHandle | None, video_id: str) -> bool:
-    return control is None or ray.get(control.start_video.remote(video_id))
+    return control is None or _get(control.start_video.remote(video_id))
 
 
 def segment_done(control: ActorHandle | None) -> bool:
-    return control is None or ray.get(control.segment_done.remote())
+    return control is None or _get(control.segment_done.remote())
 
 
 def stopping(control: ActorHandle | None) -> bool:
-    return control is not None and ray.get(control.is_stopping.remote())
+    return control is not None and _get(control.is_stopping.remote())
+
+
+def _get(reference: object) -> object:
+    import ray
+
+    return ray.get(reference)

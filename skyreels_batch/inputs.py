@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 
-import av
 import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load as load_tensors
@@ -29,6 +28,8 @@ def fetch_image(uri: str, field: str) -> Image.Image:
 
 def fetch_video(uri: str, field: str = "video") -> list[Image.Image]:
     """Every frame of the clip at `uri`, as RGB images; InputError naming `field` when it cannot be had."""
+    import av  # PyAV only for clips (v2v): the render stage also runs where it is not installed
+
     data = _fetch(uri, field)
     try:
         with av.open(io.BytesIO(data)) as container:

@@ -6,7 +6,6 @@ import io
 from collections.abc import Iterable
 from fractions import Fraction
 
-import av
 import numpy as np
 
 X264_THREADS = 4
@@ -17,6 +16,8 @@ def encode_mp4(frames: Iterable[np.ndarray], *, fps: int, crf: int, lossless: bo
 
     Default: yuv420p at `crf`, what every player reads. Lossless: libx264rgb at crf 0 keeps RGB exactly (masters).
     """
+    import av  # here, not at the top: the render stage's to_uint8 runs where PyAV is not installed (bench/gpu.py)
+
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = None

@@ -9,7 +9,7 @@ import time
 import ray
 
 from skyreels_batch.collect import StopRequest
-from skyreels_batch.control import JobControl, admit, may_start, segment_done, start_job_control
+from skyreels_batch.control import admit, may_start, segment_done, start_job_control
 
 
 def test_rows_are_admitted_while_fewer_than_the_window_wait_for_a_render_actor(ray_local: None) -> None:
@@ -41,7 +41,7 @@ def test_once_stopping_nothing_is_admitted_started_or_continued(ray_local: None)
 
 
 def test_a_row_lost_while_waiting_stops_counting_against_the_window(ray_local: None) -> None:
-    control = JobControl.remote(window=1, waiting_expires_s=0.5)
+    control = start_job_control(window=1, waiting_expires_s=0.5)
     try:
         assert ray.get(control.admit.remote("lost-with-its-node")) is True
         assert ray.get(control.admit.remote("next")) is None

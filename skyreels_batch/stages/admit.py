@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-from ray.actor import ActorHandle
 
 from skyreels_batch.control import admit
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 
 class AdmitRows:

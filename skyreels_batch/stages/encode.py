@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from ray.actor import ActorHandle
+from typing import TYPE_CHECKING, Any
 
 from skyreels_batch.config import PipelineOptions
 from skyreels_batch.control import stopping
@@ -13,6 +11,9 @@ from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import encode_text, load_text_encoder
 from skyreels_batch.schema import RenderParams
 from skyreels_batch.stages import VALIDATED, TorchRowStage
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 
 class EncodePrompts(TorchRowStage):

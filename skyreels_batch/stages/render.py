@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from ray.actor import ActorHandle
 
 from skyreels_batch.config import PipelineOptions
 from skyreels_batch.control import may_start, segment_done
@@ -31,6 +30,9 @@ from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import RENDERED, TorchRowStage
 from skyreels_batch.timing import ForwardTimer
 from skyreels_batch.video import to_uint8
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 
 class RenderVideos(TorchRowStage):
