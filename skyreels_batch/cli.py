@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         metavar="N",
-        help="retry a row whose render actor died (preemption, OOM) up to N times, then mark it failed (3)",
+        help="retry a row lost in its pass (its render actor died: preemption, OOM) up to N times, then mark it "
+        "failed (3)",
     )
     parser.add_argument(
         "--stop-grace",

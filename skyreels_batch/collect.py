@@ -78,26 +78,29 @@ class Collector:
         self.last_flush = time.monotonic()
 
     def run(self, rows: pa.Table, render_pass: Callable[[pa.Table], Dataset], max_retries: int) -> Outcome:
-        """A row whose render actor died (a lost node, OOM, a crash) never comes back from its pass; it goes into
-        the next pass, up to max_retries more, resuming from its persisted segments, and is then failed."""
+        """A row lost in its pass (its render actor died: a lost node, OOM, a crash; or a block lost before or after
+        rendering) never comes back from it; it goes into the next pass, up to max_retries more, resuming from its
+        persisted segments, and is then failed, naming where it was lost the last time."""
         lost = rows
         for attempt in range(max_retries + 1):
             if lost.num_rows == 0:
                 break
             if attempt:
-                self.log(f"{lost.num_rows} rows lost their render actor; attempt {attempt + 1} of {max_retries + 1}")
+                self.log(f"{lost.num_rows} rows lost in the last pass; attempt {attempt + 1} of {max_retries + 1}")
             returned = self._run_pass(render_pass(lost))
             if self.stop.requested.is_set():
                 self.outcome.stopped = True
                 break
             lost = lost.filter(pc.invert(pc.is_in(lost["id"], pa.array(list(returned), pa.string()))))
         else:
-            for video_id in lost["id"].to_pylist():
-                message = (
-                    f"row {video_id!r}: render actor died {max_retries + 1} times while rendering this row "
-                    "(out of memory, a lost node or a crash); gave up (--max-retries)"
-                )
-                self._record([{"id": video_id, "error": message}])
+            ids = lost["id"].to_pylist()
+            where = ray.get(self.control.last_seen.remote(ids))
+            counted = ray.get(self.control.returned.remote(ids))
+            failures = [
+                {"id": video_id, "num_segments": segments, "error": lost_row_error(video_id, seen, max_retries + 1)}
+                for video_id, segments, seen in zip(ids, lost["num_segments"].to_pylist(), where, strict=True)
+            ]
+            self._record(failures, counted)
         self.progress.tick(self._segments())
         self.progress.report()
         return self.outcome
@@ -113,9 +116,10 @@ class Collector:
                 for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                     rows = batch.to_pylist()
                     ids = [row["id"] for row in rows]
-                    self.control.returned.remote(ids)
+                    counted = ray.get(self.control.returned.remote(ids))
                     returned.update(ids)
-                    self._record([row for row in rows if not row["stopped"]])
+                    ended = [(row, segments) for row, segments in zip(rows, counted, strict=True) if not row["stopped"]]
+                    self._record([row for row, _ in ended], [segments for _, segments in ended])
             except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
                 errors.append(error)
             finally:
@@ -141,11 +145,13 @@ class Collector:
             raise errors[0]
         return returned
 
-    def _record(self, rows: list[dict[str, Any]]) -> None:
+    def _record(self, rows: list[dict[str, Any]], counted: list[int]) -> None:
+        """Rows that ended (done or failed), with the segments progress counted for each."""
         results = [result_row(row) for row in rows]
         self.index.add(results)
-        for result in results:
-            self.progress.video_finished(result["status"])
+        for row, result, segments in zip(rows, results, counted, strict=True):
+            unrendered = (row.get("num_segments") or 0) - segments if result["error"] else 0
+            self.progress.video_finished(result["status"], unrendered_segments=unrendered)
             if result["error"]:
                 self.outcome.failed += 1
                 self.log(f"failed: {result['error']}")
@@ -160,3 +166,17 @@ class Collector:
 
     def _segments(self) -> int:
         return ray.get(self.control.state.remote())[0]
+
+
+LOST_WHERE = {
+    "rendering": "while rendering it, when its render actor died",
+    "rendered": "after rendering, in the writer stage",
+    "admitted": "before rendering, in validation or the text-encoding stage",
+}
+
+
+def lost_row_error(video_id: str, last_seen: str, attempts: int) -> str:
+    return (
+        f"row {video_id!r}: lost {attempts} times, the last time {LOST_WHERE[last_seen]} (out of memory, a lost node "
+        "or a crash); gave up (--max-retries)"
+    )

@@ -42,7 +42,7 @@ class JobConfig(BaseModel):
     max_frames: int = Field(default=1457, ge=1, description="Rows asking for more frames are rejected.")
     save_latents: bool = Field(default=False, description="Also write <output>/latents/<id>.safetensors.")
     max_retries: int = Field(
-        default=3, ge=0, description="Retries of a row whose render actor died (preemption, OOM, crash)."
+        default=3, ge=0, description="Retries of a row lost in its pass (its render actor died: preemption, OOM)."
     )
     device: Literal["auto", "cuda", "cpu"] = Field(default="auto", description="Where render actors run.")
     pipeline: PipelineOptions = Field(default_factory=lambda: PipelineOptions())

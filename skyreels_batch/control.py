@@ -1,6 +1,6 @@
 """The job's control actor, shared by the driver and the stages: segment progress, the stop flag, how many rows may
-enter a render pass (admission), and which videos are being rendered (so that a stopping driver knows when the
-segments in flight have landed).
+enter a render pass (admission), and where each row in flight is (so that a stopping driver knows when the
+segments in flight have landed, and a row lost in a pass is reported with the stage that lost it).
 
 Ray is imported where it is used: the stages call these helpers with no control actor when they run outside a
 job (the tests, bench/gpu.py on a machine without Ray).
@@ -29,7 +29,9 @@ class JobControl:
         self.segments = 0
         self.stopping = False
         self.waiting: dict[str, float] = {}  # handed out to a pass, no render actor has started it yet
-        self.rendering: set[str] = set()  # started by a render actor, not yet back at the driver
+        self.rendering: set[str] = set()  # started by a render actor
+        self.rendered: set[str] = set()  # the render actor is done with it: at the writer, or on its way back
+        self.counted: dict[str, int] = {}  # segments counted per video, until it is back at the driver
 
     def admit(self, video_id: str) -> bool | None:
         """Whether a pass may hand out this row now: None while `window` rows wait for a render actor (ask again),
@@ -46,20 +48,39 @@ class JobControl:
     def start_video(self, video_id: str) -> bool:
         """Whether a render actor may start this video (no, once the job is stopping)."""
         self.waiting.pop(video_id, None)
+        self.rendered.discard(video_id)
         if not self.stopping:
             self.rendering.add(video_id)
         return not self.stopping
 
-    def segment_done(self) -> bool:
-        """Count a persisted segment; whether the video may go on to its next one."""
-        self.segments += 1
+    def segments_done(self, video_id: str, count: int) -> bool:
+        """The video has its first `count` segments persisted (rendered now, or by an earlier run: each is counted
+        once however often the row is retried or resumed); whether it may go on to its next one."""
+        self.segments += max(0, count - self.counted.get(video_id, 0))
+        self.counted[video_id] = max(count, self.counted.get(video_id, 0))
         return not self.stopping
 
-    def returned(self, video_ids: list[str]) -> None:
-        """Rows the driver got back from the pass."""
+    def render_ended(self, video_id: str) -> None:
+        self.rendering.discard(video_id)
+        self.rendered.add(video_id)
+
+    def returned(self, video_ids: list[str]) -> list[int]:
+        """Rows the driver got back from the pass; returns the segments counted for each."""
+        counted = []
         for video_id in video_ids:
             self.waiting.pop(video_id, None)
             self.rendering.discard(video_id)
+            self.rendered.discard(video_id)
+            counted.append(self.counted.pop(video_id, 0))
+        return counted
+
+    def last_seen(self, video_ids: list[str]) -> list[str]:
+        """Where each of these rows (lost in a pass) was last seen: `rendering`, `rendered` or `admitted` (not yet
+        started by a render actor: in validation or the text-encoding stage)."""
+        return [
+            "rendering" if video_id in self.rendering else "rendered" if video_id in self.rendered else "admitted"
+            for video_id in video_ids
+        ]
 
     def stop(self) -> None:
         self.stopping = True
@@ -68,8 +89,8 @@ class JobControl:
         return self.stopping
 
     def state(self) -> tuple[int, int]:
-        """Segments persisted so far, videos being rendered now."""
-        return self.segments, len(self.rendering)
+        """Segments persisted so far, videos in flight from a render actor's start until they are back."""
+        return self.segments, len(self.rendering) + len(self.rendered)
 
 
 def start_job_control(window: int, waiting_expires_s: float = WAITING_EXPIRES_S) -> ActorHandle:
@@ -108,8 +129,13 @@ def may_start(control: ActorHandle | None, video_id: str) -> bool:
     return control is None or _get(control.start_video.remote(video_id))
 
 
-def segment_done(control: ActorHandle | None) -> bool:
-    return control is None or _get(control.segment_done.remote())
+def segments_done(control: ActorHandle | None, video_id: str, count: int) -> bool:
+    return control is None or _get(control.segments_done.remote(video_id, count))
+
+
+def render_ended(control: ActorHandle | None, video_id: str) -> None:
+    if control is not None:
+        _get(control.render_ended.remote(video_id))  # before the row travels on: the driver's `returned` comes later
 
 
 def stopping(control: ActorHandle | None) -> bool:

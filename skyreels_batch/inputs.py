@@ -61,18 +61,22 @@ def _fetch(uri: str, field: str) -> bytes:
         raise InputError(f"{field}: cannot fetch {uri!r}: {type(error).__name__}: {error}") from None
 
 
-def fit_to_area(image: Image.Image, area: int, multiple: int) -> tuple[Image.Image, int, int]:
-    """Keep the aspect ratio, fill `area` pixels, round both sides down to `multiple` (the SkyReels-V2 docs'
-    aspect_ratio_resize)."""
+def fitted_size(image: Image.Image, area: int, multiple: int) -> tuple[int, int]:
+    """(height, width) keeping the image's aspect ratio, filling `area` pixels, both rounded down to `multiple` (the
+    SkyReels-V2 docs' aspect_ratio_resize). The pipeline's own preprocessing resizes the image to it."""
     ratio = image.height / image.width
     height = max(multiple, round(math.sqrt(area * ratio)) // multiple * multiple)
     width = max(multiple, round(math.sqrt(area / ratio)) // multiple * multiple)
-    return image.resize((width, height), Image.Resampling.LANCZOS), height, width
+    return height, width
 
 
-def center_crop_resize(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Scale to cover height x width, then crop the centre: a last frame matched to the first frame's size."""
-    scale = max(width / image.width, height / image.height)
-    scaled = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-    left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
-    return scaled.crop((left, top, left + width, top + height))
+def crop_to_aspect(image: Image.Image, height: int, width: int) -> Image.Image:
+    """The largest centred region of `image` with the aspect ratio of height x width, uncropped sides kept whole
+    and the cropped side's length truncated to whole pixels, as SkyReels-V2's own inference code fits a frame to the
+    video's size; the pipeline's preprocessing then resizes it."""
+    if image.height * width > height * image.width:  # taller than the video: keep the whole width
+        crop_width, crop_height = image.width, int(image.width * height / width)
+    else:
+        crop_width, crop_height = int(image.height * width / height), image.height
+    left, top = (image.width - crop_width) / 2, (image.height - crop_height) / 2
+    return image.crop((left, top, left + crop_width, top + crop_height))

@@ -27,7 +27,6 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Manifest:
-    uri: str
     fs: fsspec.AbstractFileSystem
     files: list[str]
     schema: pa.Schema  # of all files together: a column missing from a file is null for its rows
@@ -53,7 +52,6 @@ def open_manifest(uri: str) -> Manifest:
     )
     known = set(ManifestRow.model_fields)
     return Manifest(
-        uri=uri,
         fs=fs,
         files=files,
         schema=dataset.schema,

@@ -39,7 +39,6 @@ class JobSummary:
     total: int
     done: int
     failed: int
-    index_uri: str
     skipped: int = 0  # done by an earlier run; counted in `done`
     left: int = 0  # neither done nor failed: what a stopped job leaves to the next run
     stopped: bool = False
@@ -122,7 +121,6 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
         total=manifest.num_rows,
         done=done,
         failed=failed,
-        index_uri=results_dir(output),
         skipped=work.skipped,
         left=left,
         stopped=outcome.stopped and left > 0,  # a signal after the last row came back stops nothing

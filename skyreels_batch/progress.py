@@ -35,11 +35,13 @@ class Progress:
         self.last_report = clock()
         self.last_line = ""
 
-    def video_finished(self, status: str) -> None:
+    def video_finished(self, status: str, *, unrendered_segments: int = 0) -> None:
+        """A video ended; a failed one's segments that will never be rendered leave the total."""
         if status == "done":
             self.done += 1
         else:
             self.failed += 1
+        self.total_segments -= max(0, unrendered_segments)
 
     def tick(self, segments: int) -> None:
         """Record the segment count; print a line every INTERVAL_S when something changed."""

@@ -11,10 +11,12 @@ import av
 import boto3
 import numpy as np
 import pytest
+from PIL import Image
 
 from skyreels_batch.manifest import write_manifest  # noqa: F401 - re-exported for the tests
 from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos
+from skyreels_batch.video import encode_mp4
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "renders"
@@ -50,10 +52,17 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint: str, model_cache: Path) -> Iterator[None]:
-    """One local Ray for the session. Started after the S3 endpoint so its workers inherit AWS_*."""
+    """One local Ray for the session. Started after the S3 endpoint so its workers inherit AWS_*. It offers one
+    `render_slot`, a custom resource for `--render-resource`."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        resources={"render_slot": 1},
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -77,3 +86,17 @@ class EncodeThenRender(RenderVideos):
 
     def __call__(self, batch):
         return super().__call__(self.encode(batch))
+
+
+def noise_image(path: Path, seed: int, size: tuple[int, int] = (48, 32)) -> str:
+    """A PNG of random pixels (width x height); different seeds give different images."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def write_clip(path: Path, seed: int, frames: int = 21) -> str:
+    """A lossless RGB MP4 of random frames (32x48): decoding it gives back exactly these pixels."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (frames, 32, 48, 3), dtype=np.uint8)
+    path.write_bytes(encode_mp4(iter(pixels), fps=24, crf=0, lossless=True))
+    return str(path)

@@ -49,7 +49,7 @@ def test_a_render_node_lost_mid_job_does_not_stop_it(tmp_path: Path) -> None:
     assert seen["render_nodes_before"] == 2
     assert (seen["done"], seen["failed"]) == (3, 0), seen["log"]
     assert seen["alive_nodes_after"] == 2, "the head and the surviving render node"
-    assert any("lost their render actor" in line for line in seen["log"]), seen["log"]
+    assert any("rows lost in the last pass; attempt 2" in line for line in seen["log"]), seen["log"]
     results = pd.read_parquet(tmp_path / "out" / "results").set_index("id")
     assert (results.status == "done").all()
     assert results.resumed_segments.max() > 0, "the lost video resumed from its persisted segments"

@@ -65,3 +65,37 @@ def test_pipeline_flags_reach_the_job_config_and_bad_values_are_refused(capsys: 
             build_parser().parse_args(["m.parquet", *bad])
     errors = capsys.readouterr().err
     assert "invalid choice: 'sequential'" in errors and "_native_math" in errors  # the valid names are listed
+
+
+# For every flag of the command line, a value other than its default (the flag's option string -> its arguments).
+NON_DEFAULT = {
+    "--output": ["s3://bucket/out"],
+    "--model": ["tiny-t2v"],
+    "--workers": ["2:4"],
+    "--text-workers": ["2"],
+    "--crf": ["30"],
+    "--lossless": [],
+    "--max-frames": ["97"],
+    "--save-latents": [],
+    "--max-retries": ["0"],
+    "--stop-grace": ["5"],
+    "--index-interval": ["2"],
+    "--render-resource": ["render=0.5"],
+    "--device": ["cpu"],
+    "--manifest-order": [],
+    "--offload": ["model"],
+    "--compile": [],
+    "--attention-backend": ["_native_math"],
+}
+
+
+def test_every_flag_reaches_the_job_config() -> None:
+    parser = build_parser()
+    flags = {action.option_strings[0] for action in parser._actions if action.option_strings} - {"-h"}
+    # --dry-run picks what main() does with the config, not the config.
+    assert flags - {"--dry-run"} == set(NON_DEFAULT), "a new flag needs a value here"
+    default = job_config(parser.parse_args(["m.parquet"]))
+    for flag, values in NON_DEFAULT.items():
+        assert job_config(parser.parse_args(["m.parquet", flag, *values])) != default, f"{flag} changes nothing"
+    two = plan_resources(job_config(parser.parse_args(["m.parquet", "--text-workers", "2"])), {"CPU": 2.0})
+    assert two.text_workers == 2 and plan_resources(default, {"CPU": 2.0}).text_workers == 1

@@ -8,8 +8,8 @@ import time
 
 import ray
 
-from skyreels_batch.collect import StopRequest
-from skyreels_batch.control import admit, may_start, segment_done, start_job_control
+from skyreels_batch.collect import StopRequest, lost_row_error
+from skyreels_batch.control import JobControl, admit, may_start, segments_done, start_job_control
 
 
 def test_rows_are_admitted_while_fewer_than_the_window_wait_for_a_render_actor(ray_local: None) -> None:
@@ -21,7 +21,7 @@ def test_rows_are_admitted_while_fewer_than_the_window_wait_for_a_render_actor(r
         ray.get(control.returned.remote(["b"]))  # "b" came back without being rendered (it failed earlier)
         assert admit(control, "d")
         assert ray.get(control.state.remote()) == (0, 1), "no segment yet, one video rendering"
-        assert segment_done(control) and ray.get(control.state.remote()) == (1, 1)
+        assert segments_done(control, "a", 1) and ray.get(control.state.remote()) == (1, 1)
         ray.get(control.returned.remote(["a"]))
         assert ray.get(control.state.remote()) == (1, 0)
     finally:
@@ -34,7 +34,7 @@ def test_once_stopping_nothing_is_admitted_started_or_continued(ray_local: None)
         assert may_start(control, "running")
         ray.get(control.stop.remote())
         assert not admit(control, "next") and not may_start(control, "next")
-        assert not segment_done(control), "the video in flight stops after the segment it just persisted"
+        assert not segments_done(control, "running", 1), "the video in flight stops after the segment it persisted"
         assert ray.get(control.state.remote()) == (1, 1), "the stopping driver still waits for 'running'"
     finally:
         ray.kill(control)
@@ -49,6 +49,36 @@ def test_a_row_lost_while_waiting_stops_counting_against_the_window(ray_local: N
         assert ray.get(control.admit.remote("next")) is True
     finally:
         ray.kill(control)
+
+
+def test_segments_are_counted_once_however_often_a_video_is_resumed() -> None:
+    control = JobControl(window=4)
+    control.start_video("long")
+    control.segments_done("long", 3)  # resumed: an earlier run persisted three segments
+    control.segments_done("long", 4)
+    control.start_video("long")  # its render actor died; the next pass resumes it from segment 4
+    control.segments_done("long", 4)
+    control.segments_done("long", 5)
+    assert control.state() == (5, 1)
+    assert control.returned(["long", "never-counted"]) == [5, 0]
+    assert control.state() == (5, 0)
+
+
+def test_a_lost_row_is_reported_with_the_stage_it_was_last_seen_in() -> None:
+    control = JobControl(window=4)
+    for video_id in ("queued", "in-render", "at-writer"):
+        control.admit(video_id)
+    control.start_video("in-render")
+    control.start_video("at-writer")
+    control.render_ended("at-writer")
+    assert control.state()[1] == 2, "a rendered video is in flight until it is back at the driver"
+    assert control.last_seen(["queued", "in-render", "at-writer"]) == ["admitted", "rendering", "rendered"]
+    control.start_video("at-writer")  # its writer's node was lost; the next pass renders it again
+    assert control.last_seen(["at-writer"]) == ["rendering"]
+    messages = [lost_row_error("x", seen, 4) for seen in ("admitted", "rendering", "rendered")]
+    assert "before rendering, in validation or the text-encoding stage" in messages[0]
+    assert "when its render actor died" in messages[1] and "in the writer stage" in messages[2]
+    assert all(message.startswith("row 'x': lost 4 times, the last time ") for message in messages)
 
 
 def test_the_first_signal_asks_for_a_clean_stop_and_the_second_for_an_immediate_one() -> None:

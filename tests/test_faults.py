@@ -12,6 +12,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from skyreels_batch.cli import main
 from skyreels_batch.config import JobConfig
 from skyreels_batch.pipeline import run_job
 from tests.conftest import write_manifest
@@ -80,12 +81,14 @@ def test_a_row_that_keeps_killing_its_actor_fails_alone_after_max_retries(ray_lo
     output = tmp_path / "out"
     killer = Killer(output / "_segments" / LONG["id"], times=2, after=1)  # the first try and the one retry
     killer.start()
-    summary = run_job(JobConfig(manifest=str(manifest), output=str(output), max_retries=1), log=lambda _: None)
+    assert main([str(manifest), "--output", str(output), "--max-retries", "1"]) == 1  # some rows failed
     killer.stop.set()
     assert len(killer.kills) == 2
-    assert (summary.done, summary.failed) == (1, 1)
     results = pd.read_parquet(output / "results").set_index("id")
     assert results.loc["short"].status == "done"
     failed = results.loc[LONG["id"]]
-    assert failed.status == "failed" and "render actor died 2 times" in failed.error
+    assert failed.status == "failed" and failed.error == (
+        f"row {LONG['id']!r}: lost 2 times, the last time while rendering it, when its render actor died (out of "
+        "memory, a lost node or a crash); gave up (--max-retries)"
+    )
     assert not (output / "videos" / f"{LONG['id']}.mp4").exists()

@@ -4,6 +4,9 @@ never appear in what the job prints or writes."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -12,7 +15,8 @@ import pytest
 
 from skyreels_batch.config import JobConfig
 from skyreels_batch.pipeline import run_job
-from tests.conftest import BUCKET, write_manifest
+from tests.conftest import BUCKET, REPO, write_manifest
+from tests.ray_head import stop_processes_under
 
 pytestmark = pytest.mark.slow
 
@@ -69,16 +73,48 @@ def test_hostile_rows_fail_alone_and_nothing_is_written_outside_the_output(ray_l
         assert f": {field}: " in errors[video_id], (video_id, errors[video_id])
 
 
-def test_credentials_never_reach_logs_results_or_config(ray_local: None, tmp_path: Path, capfd) -> None:
+def run_with_own_ray(command: list[str]) -> subprocess.CompletedProcess:
+    """A Python process that starts a local Ray of its own (stopped afterwards), its stdout and stderr captured."""
+    ray_tmp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        return subprocess.run(
+            [sys.executable, *command],
+            cwd=REPO,
+            env={**os.environ, "RAY_TMPDIR": ray_tmp},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        stop_processes_under(ray_tmp)
+
+
+def test_credentials_never_reach_what_the_driver_and_workers_print_or_write(s3_endpoint: str, tmp_path: Path) -> None:
+    """The job as run by hand: `ray.init()` streams every worker's output to the driver, so what the driver prints
+    includes what the render, encoder and writer workers print."""
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     manifest = write_manifest(tmp_path / "m.parquet", [FINE, {**FINE, "id": "bad", "num_frames": 6}])
-    lines: list[str] = []
     output = f"s3://{BUCKET}/secrets-check"
-    config = JobConfig(manifest=str(manifest), output=output)
-    summary = run_job(config, log=lines.append)
-    assert (summary.done, summary.failed) == (1, 1)
-    printed = "\n".join(lines) + capfd.readouterr().out + capfd.readouterr().err + repr(config)
+    job = run_with_own_ray(["jobs/render.py", str(manifest), "--output", output])
+    printed = job.stdout + job.stderr
+    assert job.returncode == 1 and "1 done, 1 failed of 2" in printed, printed
     assert secret not in printed
+    assert secret not in repr(JobConfig(manifest="m.parquet", output=output))
     fs = fsspec.filesystem("s3")
-    for path in fs.find(f"{BUCKET}/secrets-check"):
+    written = fs.find(f"{BUCKET}/secrets-check")
+    assert any(path.endswith(".mp4") for path in written)
+    for path in written:
         assert secret.encode() not in fs.cat_file(path), path
+
+
+def test_the_credentials_check_sees_a_secret_a_worker_prints(s3_endpoint: str) -> None:
+    """The control: in a process that starts Ray as the job does, a worker printing the secret is caught."""
+    leak = (
+        "import os, time, ray\n"
+        "ray.init()\n"
+        "print_secret = ray.remote(lambda: print('AWS_SECRET_ACCESS_KEY=' + os.environ['AWS_SECRET_ACCESS_KEY']))\n"
+        "ray.get(print_secret.remote())\n"
+        "time.sleep(3)  # Ray streams worker output to the driver about once a second\n"
+    )
+    printed = run_with_own_ray(["-c", leak])
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] in printed.stdout + printed.stderr

@@ -6,11 +6,14 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 from PIL import Image
@@ -116,10 +119,11 @@ def test_job_reads_the_manifest_from_and_writes_everything_to_s3(ray_local: None
     with fs.open(f"{BUCKET}/inputs/first.png", "wb") as remote:
         Image.fromarray(image).save(remote, format="PNG")
     from_image = {**GOOD[0], "id": "from-image", "mode": "i2v", "image": f"s3://{BUCKET}/inputs/first.png"}
-    local_manifest = write_manifest(tmp_path / "manifest.parquet", GOOD[:2] + BAD[:1] + [from_image])
-    fs.put_file(str(local_manifest), f"{BUCKET}/manifests/m.parquet")
+    # The manifest is a prefix of two files with different columns (only the second has `mode` and `image`).
+    fs.put_file(str(write_manifest(tmp_path / "a.parquet", GOOD[:2])), f"{BUCKET}/manifests/day/a.parquet")
+    fs.put_file(str(write_manifest(tmp_path / "b.parquet", [BAD[0], from_image])), f"{BUCKET}/manifests/day/b.parquet")
     output = f"s3://{BUCKET}/job-s3"
-    summary = run_job(JobConfig(manifest=f"s3://{BUCKET}/manifests/m.parquet", output=output), log=lambda _: None)
+    summary = run_job(JobConfig(manifest=f"s3://{BUCKET}/manifests/day/", output=output), log=lambda _: None)
     assert (summary.done, summary.failed) == (3, 1)
     for video_id in ("alpha", "beta", "from-image"):
         with fs.open(f"{BUCKET}/job-s3/videos/{video_id}.mp4", "rb") as remote:
@@ -137,9 +141,63 @@ def test_exit_code_is_1_when_some_rows_fail_and_0_when_all_are_done(ray_local: N
     mixed = write_manifest(tmp_path / "mixed.parquet", GOOD[2:] + BAD[:1])
     clean = write_manifest(tmp_path / "clean.parquet", GOOD[2:])
     assert main([str(mixed), "--output", str(tmp_path / "mixed")]) == 1
-    assert main([str(clean), "--output", str(tmp_path / "clean"), "--crf", "30"]) == 0
+    assert main([str(clean), "--output", str(tmp_path / "clean")]) == 0
     frames, _ = decode(tmp_path / "clean" / "videos" / "gamma.v2.mp4")
     assert frames.shape == (5, 32, 32, 3)
+
+
+class ResourceWatch(threading.Thread):
+    """The least of a Ray resource available while it runs, sampled every 50 ms."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(daemon=True)
+        self.name, self.least, self.done = name, ray.cluster_resources()[name], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            self.least = min(self.least, ray.available_resources().get(self.name, 0.0))
+
+
+def test_the_job_flags_take_effect(ray_local: None, tmp_path: Path) -> None:
+    too_long = {**GOOD[0], "id": "too-long", "num_frames": 13}
+    manifest = write_manifest(tmp_path / "m.parquet", [GOOD[0], too_long])
+    output = tmp_path / "out"
+    watch = ResourceWatch("render_slot")
+    watch.start()
+    flags = ["--save-latents", "--max-frames", "9", "--crf", "30", "--render-resource", "render_slot=0.25"]
+    assert main([str(manifest), "--output", str(output), *flags]) == 1
+    watch.done.set()
+    assert watch.least == 0.75, "the render actor held a quarter of the cluster's render_slot"
+    results = pd.read_parquet(output / "results").set_index("id")
+    assert results.loc["too-long"].error == "row 'too-long': num_frames: 13 is above --max-frames 9"
+    assert results.loc["alpha"].latents_uri == str(output / "latents" / "alpha.safetensors")
+    assert Path(results.loc["alpha"].latents_uri).exists()
+    video = (output / "videos" / "alpha.mp4").read_bytes()
+    assert b" crf=30.0 " in video  # x264 records its settings in the stream
+    default = tmp_path / "default"
+    assert main([str(write_manifest(tmp_path / "one.parquet", GOOD[:1])), "--output", str(default)]) == 0
+    assert b" crf=18.0 " in (default / "videos" / "alpha.mp4").read_bytes()
+    assert not (default / "latents").exists()
+
+
+def test_a_manifest_file_that_fails_to_read_fails_the_job_instead_of_dropping_its_rows(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """Render passes may drop a lost block (the row is retried, then failed by name); a read or validation never
+    may: its rows would look neither done nor failed. The driver reads only `id`, so a file whose `prompt` column is
+    corrupt opens fine and fails in Ray Data's read tasks."""
+    path = tmp_path / "m.parquet"
+    rows = pa.table({"id": [f"v{number}" for number in range(50)], "prompt": [f"take {n}" for n in range(50)]})
+    pq.write_table(rows, path, use_dictionary=False)
+    column = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset : column.data_page_offset + 16] = b"\xff" * 16  # the prompt page's header
+    path.write_bytes(bytes(data))
+    assert pq.read_table(path, columns=["id"]).num_rows == 50
+    output = tmp_path / "out"
+    with pytest.raises(Exception, match="Deserializing page header failed"):
+        run_job(JobConfig(manifest=str(path), output=str(output)), log=lambda _: None)
+    assert not (output / "videos").exists() and not list(output.glob("results/*.parquet"))
 
 
 def test_lossless_flag_writes_rgb_masters(ray_local: None, tmp_path: Path) -> None:

@@ -22,7 +22,10 @@ import ray
 
 from skyreels_batch.collect import StopRequest
 from skyreels_batch.config import JobConfig
+from skyreels_batch.embeddings import EmbeddingStore, texts_for
+from skyreels_batch.models import card_for
 from skyreels_batch.pipeline import run_job
+from skyreels_batch.schema import resolve
 from tests.conftest import BUCKET, REPO, decode, write_manifest
 from tests.ray_head import stop_processes_under
 
@@ -160,9 +163,17 @@ def test_sigterm_stops_cleanly_and_the_same_command_finishes_every_row_once(ray_
     stopped = pd.read_parquet(output / "results")
     assert sorted(stopped.id) == [row["id"] for row in SHORTS] and set(stopped.status) == {"done"}
     shorts = {path.name: path.stat().st_mtime_ns for path in (output / "videos").iterdir()}
+    # The stopped job keeps the embeddings of the row it left, so the run that resumes it encodes nothing for it
+    # (an encoder finding a text stored encodes nothing: test_encode).
+    store = EmbeddingStore(str(output), "tiny-df")
+    left = resolve(LONG, card_for("tiny-df"), max_frames=1457)
+    assert all(Path(store.uri(text)).exists() for text in texts_for(left))
 
-    summary = run_job(JobConfig(manifest=str(manifest), output=str(output)), log=lambda _: None)
+    lines = []
+    summary = run_job(JobConfig(manifest=str(manifest), output=str(output)), log=lines.append)
     assert (summary.done, summary.skipped, summary.failed, summary.stopped) == (4, 3, 0, False)
+    progress = [line for line in lines if line.startswith("videos ")]
+    assert progress[-1].startswith("videos 1/1 (0 failed), segments 20/20"), progress  # resumed ones counted too
     assert all((output / "videos" / name).stat().st_mtime_ns == mtime for name, mtime in shorts.items())
     results = pd.read_parquet(output / "results").set_index("id")
     assert sorted(results.index) == sorted(row["id"] for row in [*SHORTS, LONG]) and set(results.status) == {"done"}

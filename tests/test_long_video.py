@@ -18,7 +18,7 @@ from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
 from skyreels_batch.video import to_uint8
-from tests.conftest import EncodeThenRender
+from tests.conftest import EncodeThenRender, noise_image, write_clip
 from tests.conftest import decode as decode_mp4
 
 CARD = card_for("tiny-df")
@@ -77,6 +77,8 @@ def diffusers_video(pipeline, row: dict, output_type: str = "latent") -> torch.T
         overlap_history=row["overlap_history"],
         num_inference_steps=row["num_inference_steps"],
         guidance_scale=row["guidance_scale"],
+        ar_step=row.get("ar_step", 0),
+        causal_block_size=row.get("causal_block_size"),
         generator=torch.Generator("cpu").manual_seed(row["seed"]),
         output_type=output_type,
     ).frames
@@ -126,16 +128,65 @@ def test_prompt_travel_uses_prompt_k_for_segment_k_and_repeats_the_last(stage) -
     assert not np.array_equal(travelled[37:], base[37:])  # segments 1-3: the last prompt, repeated
 
 
-def test_resuming_from_persisted_segments_gives_the_same_video(stage, tmp_path: Path) -> None:
-    uninterrupted = render(stage, {**LONG, "id": "whole"})
-    interrupted = EncodeThenRender(CARD, output=str(tmp_path))
-    validated = ValidateRows(CARD, max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([{**LONG, "id": "whole"}]))
-    interrupted(validated)
-    store = SegmentStore(str(tmp_path), "whole")
-    for index in (2, 3):  # as if the job died after two segments
+# SkyReels' own asynchronous setting (ar_step 5, causal_block_size 5): one window of 10 latent frames (two blocks),
+# and a chain of two such windows, the second continuing from 5 (every window divides into blocks of 5).
+ASYNC_ROWS = {
+    "short": {**LONG, "id": "async-short", "num_frames": 37, "ar_step": 5, "causal_block_size": 5},
+    "chained": {**LONG, "id": "async-chained", "num_frames": 57, "ar_step": 5, "causal_block_size": 5},
+}
+
+
+@pytest.mark.parametrize("length", ASYNC_ROWS)
+def test_asynchronous_diffusion_forcing_renders_diffusers_latents_and_frames(stage, length: str) -> None:
+    row = ASYNC_ROWS[length]
+    result = render(stage, row)
+    assert result["num_segments"] == (1 if length == "short" else 2)
+    # A pipeline of its own: diffusers keeps a call's causal_block_size on the transformer it was given.
+    pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(materialize(CARD))
+    pipe.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(
+        load_file(result["latents_uri"])["latents"], diffusers_video(pipe, row), rtol=1e-5, atol=1e-5
+    )
+    frames, _ = decode_mp4(result["uri"])
+    np.testing.assert_array_equal(frames, to_uint8(diffusers_video(pipe, row, output_type="np")[0]))
+    synchronous = decode_mp4(render(stage, {**row, "id": "sync", "ar_step": 0, "causal_block_size": 1})["uri"])[0]
+    assert not np.array_equal(frames, synchronous)  # the asynchronous schedule really ran
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("inputs")
+    return {
+        "first": noise_image(folder / "first.png", 1),
+        "last": noise_image(folder / "last.png", 3, size=(64, 64)),
+        "clip": write_clip(folder / "clip.mp4", 5),
+    }
+
+
+# Every kind of chained video, each in four or three segments; input names are those of the `inputs` fixture.
+CHAINS = {
+    "t2v": {},
+    "prompt-travel": {"segment_prompts": [LONG["prompt"], "a ship at sea"]},
+    "i2v": {"mode": "i2v", "image": "first"},
+    "flf2v": {"mode": "flf2v", "image": "first", "last_image": "last"},
+    "v2v": {"mode": "v2v", "video": "clip", "num_frames": 60},
+}
+
+
+@pytest.mark.parametrize("kind", CHAINS)
+def test_a_video_resumed_mid_chain_by_another_actor_is_identical(stage, inputs, tmp_path: Path, kind: str) -> None:
+    named = {key: inputs[value] for key, value in CHAINS[kind].items() if key in ("image", "last_image", "video")}
+    row = {**LONG, "id": kind, **CHAINS[kind], **named}
+    uninterrupted = render(stage, row)
+    assert uninterrupted["num_segments"] >= 3
+
+    validated = ValidateRows(CARD, max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([row]))
+    EncodeThenRender(CARD, output=str(tmp_path))(validated)
+    store = SegmentStore(str(tmp_path), kind)
+    for index in range(2, uninterrupted["num_segments"]):  # as if the job died after two segments
         Path(store.state_uri(index)).unlink()
         Path(store.frames_uri(index)).unlink()
-    resumed = EncodeThenRender(CARD, output=str(tmp_path))(validated).to_pylist()[0]
+    resumed = EncodeThenRender(CARD, output=str(tmp_path))(validated).to_pylist()[0]  # a fresh actor
     assert resumed["resumed_segments"] == 2
     writer = WriteVideos(output=str(tmp_path), crf=18, lossless=True, save_latents=True)
     result = writer(pa.Table.from_pylist([resumed])).to_pylist()[0]

@@ -19,14 +19,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from skyreels_batch.embedded import materialize
-from skyreels_batch.inputs import center_crop_resize
+from skyreels_batch.inputs import crop_to_aspect
 from skyreels_batch.models import ModelCard, card_for
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
-from skyreels_batch.video import encode_mp4, to_uint8
-from tests.conftest import EncodeThenRender, decode
+from skyreels_batch.video import to_uint8
+from tests.conftest import EncodeThenRender, decode, noise_image, write_clip
 
 ROW = {
     "id": "clip",
@@ -98,13 +98,6 @@ def test_a_sync_row_after_an_async_row_renders_exactly_as_it_does_alone(df_stage
     assert df_stage.pipeline.transformer.config.num_frame_per_block == 1
 
 
-def noise_image(path: Path, seed: int, size: tuple[int, int] = (48, 32)) -> str:
-    """A PNG of random pixels (width x height); different seeds give different images."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("images")
@@ -144,12 +137,24 @@ def test_i2v_renders_exactly_what_diffusers_image_to_video_returns(df_stage, ima
 def test_flf2v_renders_exactly_what_diffusers_returns_with_a_last_image(df_stage, images) -> None:
     row = {**ROW, "id": "flf2v", "mode": "flf2v", "image": images["first"], "last_image": images["last"]}
     frames = render(df_stage, card_for("tiny-df"), row)
-    last = center_crop_resize(Image.open(images["last"]).convert("RGB"), 32, 48)
+    # The last image (64x64) fitted to the video's 32x48 as SkyReels-V2's own inference code does (`resizecrop`):
+    # the whole width and the centred int(64 * 32 / 48) = 42 rows, 11 to 53; the pipeline resizes that. (The
+    # diffusers docs' example means the same but passes [width, height] to torchvision's center_crop as
+    # [height, width] and never resizes.)
+    last = Image.open(images["last"]).convert("RGB").crop((0, 11, 64, 53))
     expected = diffusers_image_to_video(
         df_stage, row, image=Image.open(images["first"]).convert("RGB"), last_image=last
     )[0]
     assert frames.shape == (9, 32, 48, 3)
     np.testing.assert_array_equal(frames, to_uint8(expected))
+
+
+def test_a_last_image_is_cropped_to_the_videos_aspect_ratio_around_its_centre(images) -> None:
+    wide = Image.open(images["wide"])  # 200x100 into 32x48: the whole height, the centred 150 columns
+    np.testing.assert_array_equal(np.asarray(crop_to_aspect(wide, 32, 48)), np.asarray(wide)[:, 25:175])
+    square = Image.open(images["last"])  # 64x64 into 32x48: the whole width, rows 11 to 53
+    np.testing.assert_array_equal(np.asarray(crop_to_aspect(square, 32, 48)), np.asarray(square)[11:53])
+    assert crop_to_aspect(square, 48, 48).size == (64, 64)
 
 
 def test_long_i2v_chains_segments_with_diffusers_latents(df_stage, images, tmp_path: Path) -> None:
@@ -177,7 +182,10 @@ def test_long_i2v_chains_segments_with_diffusers_latents(df_stage, images, tmp_p
         output_type="latent",
     )
     torch.testing.assert_close(load_file(result["latents_uri"])["latents"], expected, rtol=1e-5, atol=1e-5)
-    assert decode(result["uri"])[0].shape == (77, 32, 48, 3)
+    whole_video = diffusers_image_to_video(
+        df_stage, row, image=Image.open(images["first"]).convert("RGB"), base_num_frames=37, overlap_history=17
+    )[0]
+    np.testing.assert_array_equal(decode(result["uri"])[0], to_uint8(whole_video))
 
 
 def test_conditioning_is_real(df_stage, images) -> None:
@@ -221,13 +229,6 @@ def test_an_unreachable_image_is_a_per_row_error_naming_the_field(df_stage, tmp_
     missing, corrupt = df_stage(validated).to_pylist()
     assert missing["error"].startswith("row 'missing': image: cannot fetch")
     assert corrupt["error"].startswith("row 'corrupt': image:") and "not a readable image" in corrupt["error"]
-
-
-def write_clip(path: Path, seed: int, frames: int = 21) -> str:
-    """A lossless RGB MP4 of random frames (32x48): decoding it gives back exactly these pixels."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (frames, 32, 48, 3), dtype=np.uint8)
-    path.write_bytes(encode_mp4(iter(pixels), fps=24, crf=0, lossless=True))
-    return str(path)
 
 
 V2V = {**ROW, "mode": "v2v", "num_frames": 40, "base_num_frames": 37, "overlap_history": 17}

@@ -52,3 +52,16 @@ def test_nothing_changed_prints_nothing_and_the_last_line_has_no_eta() -> None:
     progress.video_finished("done")
     progress.report()
     assert lines[-1] == "videos 2/2 (0 failed), segments 3/3, 24 videos/h over 5 min"  # 2 videos in 300 s
+
+
+def test_the_segments_a_failed_video_will_never_render_leave_the_total() -> None:
+    clock, lines = Clock(), []
+    progress = Progress(total_videos=2, total_segments=6, log=lines.append, clock=clock)
+    clock.now += 60
+    progress.tick(1)  # the first of four segments, then that video failed
+    progress.video_finished("failed", unrendered_segments=3)
+    clock.now += 60
+    progress.tick(3)
+    progress.video_finished("done")
+    progress.report()
+    assert lines[-1].startswith("videos 2/2 (1 failed), segments 3/3, ")

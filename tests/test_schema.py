@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import typing
 
 import pytest
 
 from skyreels_batch.models import card_for
-from skyreels_batch.schema import RowError, derive_seed, manifest_columns, resolve
+from skyreels_batch.schema import ManifestRow, RowError, derive_seed, resolve
 from tests.conftest import REPO
 
 CARD = card_for("tiny-df")
@@ -130,7 +131,23 @@ def test_max_frames_flag_caps_rows() -> None:
         resolve({"id": "v1", "prompt": "p", "num_frames": 33}, CARD, max_frames=17)
 
 
-def test_readme_documents_every_manifest_column() -> None:
-    readme = (REPO / "README.md").read_text()
-    for column in manifest_columns():
-        assert f"| `{column}` |" in readme, f"README manifest table lacks {column}"
+def readme_manifest_table() -> dict[str, str]:
+    """The README's manifest table: column -> its type cell."""
+    section = (REPO / "README.md").read_text().split("\n## The manifest\n", 1)[1].split("\n## ", 1)[0]
+    return {name: kind.strip() for name, kind in re.findall(r"^\| `(\w+)` \| ([^|]+) \|", section, re.MULTILINE)}
+
+
+def documented_type(annotation: object, required: bool) -> str:
+    """A schema field's type as the README's table writes it."""
+    kinds = {str: "string", int: "int", float: "float", list[str]: "list of strings"}
+    (kind,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
+    if typing.get_origin(kind) is typing.Literal:
+        kind = type(typing.get_args(kind)[0])
+    return kinds[kind] + (", required" if required else "")
+
+
+def test_the_readme_manifest_table_is_the_schema_in_both_directions() -> None:
+    table = readme_manifest_table()
+    assert list(table) == list(ManifestRow.model_fields), "the README's columns, in order, are the schema's"
+    for name, field in ManifestRow.model_fields.items():
+        assert table[name] == documented_type(field.annotation, field.is_required()), name

@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.control import may_start, segment_done
+from skyreels_batch.control import may_start, render_ended, segments_done
 from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment
 from skyreels_batch.embeddings import EmbeddingStore
 from skyreels_batch.inputs import (
     InputError,
-    center_crop_resize,
+    crop_to_aspect,
     fetch_image,
     fetch_lora,
     fetch_video,
-    fit_to_area,
+    fitted_size,
 )
 from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import load_pipeline, pipeline_kwargs, use_shift
@@ -71,6 +71,12 @@ class RenderVideos(TorchRowStage):
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         if not may_start(self.control, params.id):
             return {"stopped": True}
+        try:
+            return self._render(params)
+        finally:
+            render_ended(self.control, params.id)
+
+    def _render(self, params: RenderParams) -> dict[str, Any]:
         started_at = datetime.now(timezone.utc)
         started, transformer_before = time.perf_counter(), self.transformer_timer.seconds
         params, conditioning = self._conditioning(params)
@@ -83,6 +89,7 @@ class RenderVideos(TorchRowStage):
         decoder = StreamingDecoder(self.pipeline)
         previous = None
         if resumed:
+            segments_done(self.control, params.id, resumed)  # an earlier run's: progress counts them once
             previous, generator_state = store.load(resumed - 1)
             generator.set_state(generator_state)
             for segment, window in zip(plan.segments[:resumed], store.windows(resumed), strict=True):
@@ -98,7 +105,8 @@ class RenderVideos(TorchRowStage):
             frames = to_uint8(decoder.decode(window[:, :, segment.overlap :]))
             store.save(segment.index, frames, window, generator.get_state())
             previous = window
-            if not segment_done(self.control) and segment.index < len(plan.segments) - 1:
+            may_go_on = segments_done(self.control, params.id, segment.index + 1)
+            if not may_go_on and segment.index < len(plan.segments) - 1:
                 return {"stopped": True, "render_started": started_at}
         return {
             "params": params.model_dump_json(),
@@ -166,8 +174,9 @@ class RenderVideos(TorchRowStage):
         self.pipeline.set_adapters([self.adapters[params.lora]], adapter_weights=[params.lora_scale])
 
     def _conditioning(self, params: RenderParams) -> tuple[RenderParams, dict[str, Any]]:
-        """Fetch the row's images or clip; fit them to the model's area unless the row sets the size (a last image
-        to the first's size). Returns the params with the size resolved and the preprocessed inputs."""
+        """Fetch the row's images or clip. The size is the row's, or the first image's fitted to the model's area; a
+        last image is cropped to the video's aspect ratio. Returns the params with the size resolved and the
+        preprocessed inputs."""
         if params.video is not None:
             return self._clip(params)
         if params.image is None:
@@ -176,7 +185,7 @@ class RenderVideos(TorchRowStage):
         params = self._resolve_size(params, first)
         images = {"image": first}
         if params.last_image is not None:
-            images["last_image"] = center_crop_resize(
+            images["last_image"] = crop_to_aspect(
                 fetch_image(params.last_image, "last_image"), params.height, params.width
             )
         device = self.pipeline._execution_device
@@ -204,7 +213,7 @@ class RenderVideos(TorchRowStage):
         """The row's size, or the first frame's fitted to the model card's default area; checked either way."""
         if params.height is None:
             defaults = self.card.defaults
-            _, height, width = fit_to_area(first, defaults.height * defaults.width, SPATIAL_MULTIPLE)
+            height, width = fitted_size(first, defaults.height * defaults.width, SPATIAL_MULTIPLE)
             params = params.model_copy(update={"height": height, "width": width})
         check_size(params.height, params.width, self.card, f"row {params.id!r}")
         return params
