@@ -240,6 +240,9 @@ class Bench:
         card, output = self.card, str(self.work)
         encoder = EncodePrompts(card, output=output, device=self.device, torch_threads=self.threads, options=options)
         render = RenderVideos(card, output=output, device=self.device, torch_threads=self.threads, options=options)
+        loads = self.report.setdefault("model_loads", [])  # fetch, read and to-device seconds of each stage's load
+        loads += [{**asdict(stage.model_load), "options": repr(options)} for stage in (encoder, render)]
+        self.save()
         return encoder, render
 
     def render(self, encoder: EncodePrompts, render: RenderVideos, spec: dict) -> tuple[dict, np.ndarray]:
@@ -385,6 +388,11 @@ def markdown(report: dict) -> str:
             if key in ("max_abs_diff", "max_abs_diff_vs_default", "seconds_per_prompt", "segments", "table")
         )
         lines.append("| " + " | ".join(cells + [note[:120]]) + " |")
+    if report.get("model_loads"):
+        lines += ["", "| stage | options | fetch s | read s | to device s |", "|---|---|---|---|---|"]
+        for load in report["model_loads"]:
+            seconds = (f"{load[key]:.2f}" for key in ("fetch_s", "read_s", "to_device_s"))
+            lines.append(f"| {load['stage']} | {load['options']} | " + " | ".join(seconds) + " |")
     return "\n".join(lines) + "\n"
 
 

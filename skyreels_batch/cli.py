@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from skyreels_batch.checkpoints import CheckpointError
 from skyreels_batch.config import JobConfig, PipelineOptions
 from skyreels_batch.manifest import ManifestError
 from skyreels_batch.models import UnknownModelError
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default="tiny-df",
         metavar="NAME_OR_DIR",
-        help="registry name (python -m skyreels_batch.models list) or diffusers directory "
-        "(default: the embedded tiny-df)",
+        help="registry name (python -m skyreels_batch.models list), or a diffusers directory: local, or on object "
+        "storage (s3://..., fetched once per node) (default: the embedded tiny-df)",
     )
     parser.add_argument(
         "--workers",
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(config)
         summary = run_job(config, log=lambda line: print(line, flush=True), stop=StopRequest(on_signals=True))
-    except (UnknownModelError, ManifestError) as error:
+    except (UnknownModelError, CheckpointError, ManifestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
     already = f" ({summary.skipped:,} already done)" if summary.skipped else ""

@@ -8,11 +8,14 @@ job (the tests, bench/gpu.py on a machine without Ray).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
+
+    from skyreels_batch.pipelines import ModelLoad
 
 ADMIT_POLL_S = 0.2
 # A row that waited this long for a render actor no longer counts against the window: it was lost with a node (the
@@ -32,6 +35,7 @@ class JobControl:
         self.rendering: set[str] = set()  # started by a render actor
         self.rendered: set[str] = set()  # the render actor is done with it: at the writer, or on its way back
         self.counted: dict[str, int] = {}  # segments counted per video, until it is back at the driver
+        self.loads: list[dict] = []  # each actor's model load (pipelines.ModelLoad), for the run's metadata
 
     def admit(self, video_id: str) -> bool | None:
         """Whether a pass may hand out this row now: None while `window` rows wait for a render actor (ask again),
@@ -82,6 +86,12 @@ class JobControl:
             for video_id in video_ids
         ]
 
+    def model_loaded(self, load: dict) -> None:
+        self.loads.append(load)
+
+    def model_loads(self) -> list[dict]:
+        return self.loads
+
     def stop(self) -> None:
         self.stopping = True
 
@@ -99,12 +109,13 @@ def start_job_control(window: int, waiting_expires_s: float = WAITING_EXPIRES_S)
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(driver_node_id(), soft=False)
+    here = NodeAffinitySchedulingStrategy(node_id(), soft=False)
     actor = ray.remote(num_cpus=0)(JobControl).options(scheduling_strategy=here)
     return actor.remote(window, waiting_expires_s)
 
 
-def driver_node_id() -> str:
+def node_id() -> str:
+    """The node this process runs on."""
     import ray
 
     return ray.get_runtime_context().get_node_id()
@@ -112,7 +123,7 @@ def driver_node_id() -> str:
 
 def on_driver_node() -> dict[str, str]:
     """A label selector (Ray labels every node with its id) for Ray Data stages that must run beside the driver."""
-    return {"ray.io/node-id": driver_node_id()}
+    return {"ray.io/node-id": node_id()}
 
 
 def admit(control: ActorHandle | None, video_id: str) -> bool:
@@ -136,6 +147,12 @@ def segments_done(control: ActorHandle | None, video_id: str, count: int) -> boo
 def render_ended(control: ActorHandle | None, video_id: str) -> None:
     if control is not None:
         _get(control.render_ended.remote(video_id))  # before the row travels on: the driver's `returned` comes later
+
+
+def model_loaded(control: ActorHandle | None, load: ModelLoad) -> None:
+    """Report an actor's model load with the node it happened on."""
+    if control is not None:
+        _get(control.model_loaded.remote({**dataclasses.asdict(load), "node": node_id()}))
 
 
 def stopping(control: ActorHandle | None) -> bool:

@@ -34,13 +34,10 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from skyreels_batch.checkpoints import cache_root
 from skyreels_batch.models import CARD_FILENAME, ModelCard
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SKYREELS_BATCH_CACHE", Path.home() / ".cache" / "skyreels-batch"))
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -7,6 +7,8 @@ T2V / I2V checkpoints are called through `pipeline_kwargs` with the row's prompt
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import diffusers
@@ -15,32 +17,58 @@ import transformers
 from diffusers import AutoencoderKLWan, DiffusionPipeline
 from diffusers.hooks import apply_group_offloading
 
+from skyreels_batch.checkpoints import fetch_checkpoint
 from skyreels_batch.config import Offload, PipelineOptions
 from skyreels_batch.embeddings import MAX_SEQUENCE_LENGTH
 from skyreels_batch.models import ModelCard
 from skyreels_batch.schema import RenderParams
 
 
-def model_source(card: ModelCard) -> str:
-    """What `from_pretrained` loads: a cached embedded directory, a local directory or a Hub id."""
+@dataclass
+class ModelLoad:
+    """Where an actor's model load went: fetching the checkpoint (object storage only), reading it, moving it to
+    the device."""
+
+    stage: str  # "render" or "text"
+    fetch_s: float = 0.0
+    fetched_files: int = 0
+    read_s: float = 0.0
+    to_device_s: float = 0.0
+
+
+def model_source(card: ModelCard, *, text_encoder: bool = False, load: ModelLoad | None = None) -> str:
+    """What `from_pretrained` loads: a cached embedded directory, a checkpoint on object storage fetched into this
+    node's cache (the parts a text-encoder or a render actor loads), a local directory or a Hub id."""
     if card.embedded is not None:
         from skyreels_batch.embedded import materialize
 
         return str(materialize(card))
+    if card.uri is not None:
+        fetched = fetch_checkpoint(card.uri, text_encoder=text_encoder)
+        if load is not None:
+            load.fetch_s, load.fetched_files = fetched.seconds, fetched.files
+        return str(fetched.directory)
     return card.path or card.name
 
 
-def load_pipeline(card: ModelCard, device: str, options: PipelineOptions | None = None) -> DiffusionPipeline:
+def load_pipeline(
+    card: ModelCard, device: str, options: PipelineOptions | None = None, load: ModelLoad | None = None
+) -> DiffusionPipeline:
     """The render pipeline: every component but the text encoder and its tokenizer (None)."""
-    options = options or PipelineOptions()
+    options, load = options or PipelineOptions(), load or ModelLoad("render")
+    source = model_source(card, load=load)
+    started = time.perf_counter()
     components: dict[str, Any] = {"text_encoder": None, "tokenizer": None}
     if device == "cuda":
         # As the SkyReels-V2 docs do: bf16 transformer, fp32 VAE for clean decodes.
-        components["vae"] = AutoencoderKLWan.from_pretrained(model_source(card), subfolder="vae", dtype=torch.float32)
-    pipeline = _from_pretrained(card, device, **components)
+        components["vae"] = AutoencoderKLWan.from_pretrained(source, subfolder="vae", dtype=torch.float32)
+    pipeline = _from_pretrained(card, source, device, **components)
     if options.attention_backend:
         pipeline.transformer.set_attention_backend(options.attention_backend)
+    placed = time.perf_counter()
+    load.read_s = placed - started
     place(pipeline, device, options.offload)
+    load.to_device_s = time.perf_counter() - placed
     if options.compile:
         # Regional compilation (diffusers' recommended form): the repeated block is compiled once and the code is
         # reused by every layer, a much shorter compile than the whole model's for the same kernels.
@@ -48,21 +76,29 @@ def load_pipeline(card: ModelCard, device: str, options: PipelineOptions | None 
     return pipeline
 
 
-def load_text_encoder(card: ModelCard, device: str, options: PipelineOptions | None = None) -> DiffusionPipeline:
+def load_text_encoder(
+    card: ModelCard, device: str, options: PipelineOptions | None = None, load: ModelLoad | None = None
+) -> DiffusionPipeline:
     """The pipeline with only its text encoder and tokenizer loaded: `encode_text` runs the pipeline's own
     `encode_prompt`, so embeddings are exactly what a whole pipeline call would compute."""
+    load = load or ModelLoad("text")
+    source = model_source(card, text_encoder=True, load=load)
+    started = time.perf_counter()
     unloaded = ["transformer", "vae"] + (["image_encoder", "image_processor"] if card.family == "i2v" else [])
-    pipeline = _from_pretrained(card, device, **dict.fromkeys(unloaded))
+    pipeline = _from_pretrained(card, source, device, **dict.fromkeys(unloaded))
+    placed = time.perf_counter()
+    load.read_s = placed - started
     place(pipeline, device, (options or PipelineOptions()).offload)
+    load.to_device_s = time.perf_counter() - placed
     return pipeline
 
 
-def _from_pretrained(card: ModelCard, device: str, **components: Any) -> DiffusionPipeline:
+def _from_pretrained(card: ModelCard, source: str, device: str, **components: Any) -> DiffusionPipeline:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     pipeline_class = getattr(diffusers, card.pipeline_class_name)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipeline = pipeline_class.from_pretrained(model_source(card), dtype=dtype, **components)
+    pipeline = pipeline_class.from_pretrained(source, dtype=dtype, **components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

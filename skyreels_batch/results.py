@@ -69,6 +69,11 @@ def results_dir(output: str) -> str:
     return storage.join(output, "results")
 
 
+def runs_dir(output: str) -> str:
+    """One JSON file per run (its model loads); Parquet readers skip folders whose name starts with `_`."""
+    return storage.join(results_dir(output), "_runs")
+
+
 def records_dir(output: str) -> str:
     return storage.join(output, "_records")
 
@@ -147,6 +152,10 @@ class ResultsIndex:
             if pc.any(pc.is_in(_read_table(uri, ["id"])["id"], video_ids)).as_py():
                 table = _read_table(uri)
                 _write_table(uri, table.filter(pc.invert(pc.is_in(table["id"], video_ids))))
+
+    def record_run(self, metadata: dict[str, Any]) -> None:
+        uri = storage.join(runs_dir(self.output), f"{self.run}.json")
+        storage.write_bytes_atomic(uri, json.dumps(metadata, indent=1).encode())
 
     def close(self) -> int:
         """Fold this run's parts into the shards, and the records of videos its writers committed that the driver

@@ -45,6 +45,9 @@ def test_the_gpu_bench_runs_every_run_at_toy_size_without_ray(tmp_path: Path) ->
     assert runs["c"]["transformer_passes"] == 2 * 2 * 4
     # The job's render path gives the frames diffusers' own call gives (fp32 on the CPU: the same).
     assert runs["b"]["psnr_db"] >= 40 and runs["b"]["max_abs_diff"] <= 1
+    loads = report["model_loads"]  # each set of stages' model loads: no fetch (embedded), read, to device
+    assert {load["stage"] for load in loads} == {"text", "render"}
+    assert all(load["fetch_s"] == 0 and load["read_s"] > 0 for load in loads)
     for name in ("d:compile", "d:offload model", "d:offload group", "d:attention _native_math"):
         assert runs[name]["max_abs_diff_vs_default"] <= 2, runs[name]
     assert runs["e"]["seconds_per_prompt"] > 0

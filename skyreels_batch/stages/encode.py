@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.control import stopping
+from skyreels_batch.control import model_loaded, stopping
 from skyreels_batch.embeddings import EmbeddingStore, texts_for
 from skyreels_batch.models import ModelCard
-from skyreels_batch.pipelines import encode_text, load_text_encoder
+from skyreels_batch.pipelines import ModelLoad, encode_text, load_text_encoder
 from skyreels_batch.schema import RenderParams
 from skyreels_batch.stages import VALIDATED, TorchRowStage
 
@@ -34,7 +34,11 @@ class EncodePrompts(TorchRowStage):
         options: PipelineOptions | None = None,
         control: ActorHandle | None = None,
     ) -> None:
-        self.pipeline = self.start_torch(lambda: load_text_encoder(card, device, options), torch_threads)
+        self.model_load = ModelLoad("text")
+        self.pipeline = self.start_torch(
+            lambda: load_text_encoder(card, device, options, self.model_load), torch_threads
+        )
+        model_loaded(control, self.model_load)
         self.control = control
         self.store = EmbeddingStore(output, card.name)
         self.stored: set[str] = set()  # texts this actor knows are stored: no storage lookup for them again

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.control import may_start, render_ended, segments_done
+from skyreels_batch.control import may_start, model_loaded, render_ended, segments_done
 from skyreels_batch.diffusion_forcing import StreamingDecoder, denoise_segment
 from skyreels_batch.embeddings import EmbeddingStore
 from skyreels_batch.inputs import (
@@ -23,7 +23,7 @@ from skyreels_batch.inputs import (
     fitted_size,
 )
 from skyreels_batch.models import ModelCard
-from skyreels_batch.pipelines import load_pipeline, pipeline_kwargs, use_shift
+from skyreels_batch.pipelines import ModelLoad, load_pipeline, pipeline_kwargs, use_shift
 from skyreels_batch.plan import Segment, VideoPlan
 from skyreels_batch.schema import SPATIAL_MULTIPLE, RenderParams, check_size, plan_for
 from skyreels_batch.segments import SegmentStore
@@ -63,7 +63,9 @@ class RenderVideos(TorchRowStage):
         self.card = card
         self.output = output
         self.control = control
-        self.pipeline = self.start_torch(lambda: load_pipeline(card, device, options), torch_threads)
+        self.model_load = ModelLoad("render")
+        self.pipeline = self.start_torch(lambda: load_pipeline(card, device, options, self.model_load), torch_threads)
+        model_loaded(control, self.model_load)
         self.transformer_timer = ForwardTimer(self.pipeline.transformer)
         self.embeddings = EmbeddingStore(output, card.name)
         self.adapters: dict[str, str] = {}  # LoRA URI -> adapter name: each LoRA is loaded once per actor
