@@ -195,7 +195,9 @@ def encode_prompts(
         EncodePrompts,
         # One torch thread: on CPU the encoder works beside the render actors, on their cores.
         dict(card=card, output=output, device=resources.device, options=options, torch_threads=1, control=control),
-        pool=ActorPoolStrategy(min_size=1, max_size=resources.text_workers),
+        # One row at a time per encoder: two encoder tasks that finish within one round of Ray Data's scheduler may
+        # leave in either order (seen: manifest order broken once in a few runs), which would undo the work list's.
+        pool=ActorPoolStrategy(min_size=1, max_size=resources.text_workers, max_tasks_in_flight_per_actor=1),
         num_gpus=resources.text_num_gpus,
         num_cpus=resources.text_num_cpus,
     )

@@ -8,10 +8,10 @@
   changed or deleted while the run goes on, so a reader (pandas, Ray Data, on S3 too: they take a file's size from
   the listing, so a file replaced under them is a torn read) always reads whole files. No id is listed twice: rows
   of ids the run writes again were taken out of the shards when it started.
-- **Between runs the index is SHARDS files**, `results/shard-NN.parquet`; an id always lives in the shard its hash
-  names. A run folds its parts into the shards when it ends (or stops), and a run that starts folds in what a
-  killed one left (its parts and records). Only during those folds, seconds long, can a reader see a row twice or
-  find a file replaced under it.
+- **Between runs the index is SHARDS Parquet files**, `results/shard-NN.parquet`; an id always lives in the shard
+  its hash names. A run folds its parts into the shards when it ends (or stops), and a run that starts folds in
+  what a killed one left (its parts and records). Only during those folds, seconds long, can a reader see a row
+  twice or find a file replaced under it. Beside them, `results/_runs/<run>.json` holds each run's metadata.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import fsspec
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline
@@ -26,7 +27,9 @@ from skyreels_batch.config import JobConfig
 from skyreels_batch.embedded import materialize
 from skyreels_batch.models import card_for
 from skyreels_batch.pipeline import run_job
-from tests.conftest import BUCKET, REPO, write_manifest
+from skyreels_batch.stages.validate import ValidateRows
+from skyreels_batch.stages.write import WriteVideos
+from tests.conftest import BUCKET, REPO, EncodeThenRender, write_manifest
 
 HUB_ID = "Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers"
 ROWS = [
@@ -144,10 +147,17 @@ def test_a_job_renders_from_the_bucket_what_the_local_model_renders_fetching_eac
     prefix = f"{BUCKET}/models/once-per-node/"
     uploaded = {path.removeprefix(prefix) for path in fsspec.filesystem("s3").find(prefix)}
     manifest = write_manifest(tmp_path / "m.parquet", ROWS)
-    two_actors = dict(manifest=str(manifest), min_workers=2, max_workers=2)
-    remote = run_job(JobConfig(**two_actors, output=str(tmp_path / "remote"), model=uri), log=lambda _: None)
-    local = run_job(JobConfig(**two_actors, output=str(tmp_path / "local"), model="tiny-df"), log=lambda _: None)
-    assert remote.done == local.done == 2
+    config = JobConfig(manifest=str(manifest), output=str(tmp_path / "remote"), model=uri, min_workers=2, max_workers=2)
+    assert run_job(config, log=lambda _: None).done == 2
+    # The same rows through the same stages with the embedded model loaded locally, at the job's torch threads (one
+    # per actor here: CPU kernels split their sums by thread count).
+    threads = torch.get_num_threads()
+    try:
+        stage = EncodeThenRender(card_for("tiny-df"), output=str(tmp_path / "local"), torch_threads=1)
+        validated = ValidateRows(card_for("tiny-df"), max_frames=1457, duplicate_ids=())(pa.Table.from_pylist(ROWS))
+        WriteVideos(output=str(tmp_path / "local"), crf=18, lossless=False)(stage(validated))
+    finally:
+        torch.set_num_threads(threads)
     for row in ROWS:
         name = f"videos/{row['id']}.mp4"
         assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()

@@ -97,9 +97,11 @@ def test_rerunning_skips_done_rows_and_rerenders_a_lost_video_bit_identically(lo
     assert before == after
     results = pd.read_parquet(output / "results")
     assert len(results) == len(GOOD + BAD) and results.id.is_unique
-    # The index is the shards its ids hash to, rewritten in place: no file per run.
+    # The index is the shards its ids hash to, rewritten in place: no Parquet file per run; beside them, each run's
+    # metadata (the first run and this one).
     shards = {shard_name(shard_of(row["id"])) for row in GOOD + BAD}
-    assert sorted(path.name for path in (output / "results").iterdir()) == sorted(shards)
+    assert sorted(path.name for path in (output / "results").iterdir()) == sorted([*shards, "_runs"])
+    assert len(list((output / "results" / "_runs").glob("*.json"))) == 2
     rerendered = results.set_index("id").loc["beta"]
     assert rerendered.status == "done" and rerendered.checksum == hashlib.sha256(before["beta.mp4"]).hexdigest()
 
@@ -158,7 +160,7 @@ class ResourceWatch(threading.Thread):
             self.least = min(self.least, ray.available_resources().get(self.name, 0.0))
 
 
-def test_the_job_flags_take_effect(ray_local: None, tmp_path: Path) -> None:
+def test_the_job_flags_take_effect(local_run, tmp_path: Path) -> None:
     too_long = {**GOOD[0], "id": "too-long", "num_frames": 13}
     manifest = write_manifest(tmp_path / "m.parquet", [GOOD[0], too_long])
     output = tmp_path / "out"
@@ -174,8 +176,7 @@ def test_the_job_flags_take_effect(ray_local: None, tmp_path: Path) -> None:
     assert Path(results.loc["alpha"].latents_uri).exists()
     video = (output / "videos" / "alpha.mp4").read_bytes()
     assert b" crf=30.0 " in video  # x264 records its settings in the stream
-    default = tmp_path / "default"
-    assert main([str(write_manifest(tmp_path / "one.parquet", GOOD[:1])), "--output", str(default)]) == 0
+    _, default, _ = local_run  # the same row with the default flags
     assert b" crf=18.0 " in (default / "videos" / "alpha.mp4").read_bytes()
     assert not (default / "latents").exists()
 
@@ -262,8 +263,9 @@ def test_a_nightly_run_over_a_growing_folder_renders_only_the_new_rows(ray_local
 
     nothing_new = run_job(JobConfig(manifest=str(folder), output=str(output)), log=lambda _: None)
     assert (nothing_new.total, nothing_new.done, nothing_new.skipped, nothing_new.failed) == (3, 3, 3, 0)
-    # Three runs into one output: the index is its shards (the runs' parts folded in), no file per run.
-    assert all(path.name.startswith("shard-") for path in (output / "results").iterdir())
+    # Three runs into one output: the index is its shards (the runs' parts folded in), no Parquet file per run.
+    assert all(path.name.startswith("shard-") for path in (output / "results").glob("*.parquet"))
+    assert len(list((output / "results" / "_runs").glob("*.json"))) == 3
 
     # The index is the rendered dataset: readable by Ray Data (and pandas), one row per video, checksums that match.
     index = ray.data.read_parquet(str(output / "results")).to_pandas().set_index("id")
