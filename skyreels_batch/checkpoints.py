@@ -141,7 +141,7 @@ def fetch_checkpoint(uri: str, *, text_encoder: bool) -> Fetched:
 
 
 def _fetch_part(uri: str, local: Path, part: str, files: list[RemoteFile]) -> int:
-    staging = local / f".staging-{part.strip('.') or 'root'}"
+    staging = local / f".staging-{_file_name(part)}"
     fs, root = storage.filesystem(uri)
     missing = [file for file in files if not _whole(staging / file.path, file)]
 
@@ -187,8 +187,13 @@ def _fingerprint(files: list[RemoteFile]) -> list[list]:
     return [[file.path, file.size, file.etag] for file in files]
 
 
+def _file_name(part: str) -> str:
+    """A part as part of a local file name (ROOT is `.`)."""
+    return part.strip(".") or "root"
+
+
 def _record_path(local: Path, part: str) -> Path:
-    return local / ".parts" / f"{part.strip('.') or 'root'}.json"
+    return local / ".parts" / f"{_file_name(part)}.json"
 
 
 def _recorded(local: Path, part: str) -> object:
