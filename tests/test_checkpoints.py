@@ -16,7 +16,6 @@ from pathlib import Path
 
 import fsspec
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline
@@ -27,9 +26,7 @@ from skyreels_batch.config import JobConfig
 from skyreels_batch.embedded import materialize
 from skyreels_batch.models import card_for
 from skyreels_batch.pipeline import run_job
-from skyreels_batch.stages.validate import ValidateRows
-from skyreels_batch.stages.write import WriteVideos
-from tests.conftest import BUCKET, REPO, EncodeThenRender, write_manifest
+from tests.conftest import BUCKET, REPO, write_manifest
 
 HUB_ID = "Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers"
 ROWS = [
@@ -149,15 +146,11 @@ def test_a_job_renders_from_the_bucket_what_the_local_model_renders_fetching_eac
     manifest = write_manifest(tmp_path / "m.parquet", ROWS)
     config = JobConfig(manifest=str(manifest), output=str(tmp_path / "remote"), model=uri, min_workers=2, max_workers=2)
     assert run_job(config, log=lambda _: None).done == 2
-    # The same rows through the same stages with the embedded model loaded locally, at the job's torch threads (one
-    # per actor here: CPU kernels split their sums by thread count).
-    threads = torch.get_num_threads()
-    try:
-        stage = EncodeThenRender(card_for("tiny-df"), output=str(tmp_path / "local"), torch_threads=1)
-        validated = ValidateRows(card_for("tiny-df"), max_frames=1457, duplicate_ids=())(pa.Table.from_pylist(ROWS))
-        WriteVideos(output=str(tmp_path / "local"), crf=18, lossless=False)(stage(validated))
-    finally:
-        torch.set_num_threads(threads)
+    # The same job with the embedded model loaded from the local cache. Both renders run in fresh render actors at
+    # the same torch threads: once, CI saw this test's own process render the row differently from an actor in the
+    # last bits (an in-process reference passed everywhere else), so the reference is made where the job renders.
+    local = config.model_copy(update={"output": str(tmp_path / "local"), "model": "tiny-df"})
+    assert run_job(local, log=lambda _: None).done == 2
     for row in ROWS:
         name = f"videos/{row['id']}.mp4"
         assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
