@@ -17,7 +17,9 @@ from skyreels_batch import storage
 from skyreels_batch.collect import Collector, StopRequest
 from skyreels_batch.config import JobConfig, PipelineOptions, Resources, plan_resources
 from skyreels_batch.control import on_driver_node, start_job_control
+from skyreels_batch.dataset import write_dataset_metadata
 from skyreels_batch.embeddings import embeddings_dir
+from skyreels_batch.gallery import Gallery
 from skyreels_batch.manifest import Manifest, open_manifest, read_batches
 from skyreels_batch.models import ModelCard, card_for
 from skyreels_batch.progress import Progress
@@ -73,7 +75,8 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
         f"{resources.min_workers}-{resources.max_workers} render actors -> {output}"
     )
 
-    index = ResultsIndex(output)  # folds in what a killed run left: its parts, the records of its last videos
+    # Folds in what a killed run left (its parts, the records of its last videos); keeps the gallery in step.
+    index = ResultsIndex(output, gallery=Gallery(output))
     finished = index.finished()
     work = plan_work(read_manifest(manifest, resources), card, config, manifest, finished, resources)
     index.retract(pa.concat_arrays([work.failed["id"].combine_chunks(), work.rows["id"].combine_chunks()]))
@@ -117,7 +120,8 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
     if not outcome.stopped:
         storage.remove_empty_dir(segments_dir(output))
         storage.remove_tree(embeddings_dir(output))  # cheap to make again for a row that failed
-    log(f"results index: {results_dir(output)}")
+    write_dataset_metadata(output, index.files())
+    log(f"results index: {results_dir(output)}; gallery: {storage.join(output, 'index.html')}")
     failed = outcome.failed + work.failed.num_rows
     done = outcome.done + committed_unseen + work.skipped
     left = manifest.num_rows - done - failed

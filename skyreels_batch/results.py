@@ -12,6 +12,7 @@
   its hash names. A run folds its parts into the shards when it ends (or stops), and a run that starts folds in
   what a killed one left (its parts and records). Only during those folds, seconds long, can a reader see a row
   twice or find a file replaced under it. Beside them, `results/_runs/<run>.json` holds each run's metadata.
+- **The gallery** (gallery.py), when the index has one, is refreshed with it: at every flush, fold and retraction.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skyreels_batch import storage
+from skyreels_batch.gallery import Gallery
 
 RESULTS = pa.schema(
     [
         ("id", pa.string()),
         ("status", pa.string()),
         ("uri", pa.string()),
+        ("poster_uri", pa.string()),
+        ("sheet_uri", pa.string()),
         ("error", pa.string()),
         ("prompt", pa.string()),
         ("num_frames", pa.int64()),
@@ -119,13 +123,15 @@ class ResultsIndex:
     """The index of one output, for one run. Opening it folds in what earlier runs left outside the shards; `add`
     queues rows (thread-safe), `flush` writes them as a part, `close` folds the run's parts into the shards."""
 
-    def __init__(self, output: str) -> None:
+    def __init__(self, output: str, gallery: Gallery | None = None) -> None:
         self.output = output
+        self.gallery = gallery
         self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         self.parts: list[str] = []
         self._pending: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._fold_records(self._unfolded_files())
+        self._refresh_gallery(rewrite=True)
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         with self._lock:
@@ -142,16 +148,21 @@ class ResultsIndex:
         _write_table(uri, pa.Table.from_pylist(list(pending.values()), schema=RESULTS))
         self.parts.append(uri)
         storage.remove_files([record_uri(self.output, video_id) for video_id in pending])
+        self._refresh_gallery(rewrite=False)
         return len(pending)
 
     def retract(self, video_ids: pa.Array) -> None:
         """Take these ids' rows out of the shards: the run writes them again (a row that failed, a changed request,
         an MP4 gone missing), and the index must not list an id twice meanwhile."""
+        retracted = False
         for name in self._shard_names():
             uri = storage.join(results_dir(self.output), name)
             if pc.any(pc.is_in(_read_table(uri, ["id"])["id"], video_ids)).as_py():
                 table = _read_table(uri)
                 _write_table(uri, table.filter(pc.invert(pc.is_in(table["id"], video_ids))))
+                retracted = True
+        if retracted:
+            self._refresh_gallery(rewrite=True)
 
     def record_run(self, metadata: dict[str, Any]) -> None:
         uri = storage.join(runs_dir(self.output), f"{self.run}.json")
@@ -163,7 +174,16 @@ class ResultsIndex:
         self.flush()
         folded = self._fold_records(self.parts)
         self.parts = []
+        self._refresh_gallery(rewrite=True, running=False)
         return folded
+
+    def files(self) -> list[str]:
+        """The index's files now: its shards and the parts of runs not folded yet."""
+        return storage.list_files(results_dir(self.output), ".parquet")
+
+    def _refresh_gallery(self, *, rewrite: bool, running: bool = True) -> None:
+        if self.gallery is not None:
+            self.gallery.refresh(self.files(), rewrite=rewrite, running=running)
 
     def _fold_records(self, files: list[str]) -> int:
         records = storage.list_files(records_dir(self.output), ".json")

@@ -66,6 +66,15 @@ class SegmentStore:
         np.save(buffer, frames, allow_pickle=False)
         storage.write_bytes_atomic(self.clip_uri, buffer.getvalue())
 
+    def clip_length(self) -> int:
+        """Frames in the saved clip, from its header alone."""
+        fs, path = storage.filesystem(self.clip_uri)
+        with fs.open(path, "rb") as file:
+            major, _ = np.lib.format.read_magic(file)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(file)
+        return shape[0]
+
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A finished segment's window latents and the generator state after it."""
         state = load_tensors(storage.read_bytes(self.state_uri(index)))

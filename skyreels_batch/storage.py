@@ -7,6 +7,7 @@ given the same fsspec filesystem (its own S3 client ignores AWS_ENDPOINT_URL).
 from __future__ import annotations
 
 import contextlib
+import mimetypes
 import os
 import uuid
 
@@ -50,7 +51,10 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     """
     fs, path = filesystem(uri)
     if not is_local(fs):
-        fs.pipe_file(path, data)
+        # A Content-Type, so a bucket serves the gallery's page as a page and its videos as videos.
+        content_type = mimetypes.guess_type(path)[0]
+        s3 = "s3" in fs.protocol and content_type is not None
+        fs.pipe_file(path, data, **({"ContentType": content_type} if s3 else {}))
         return
     fs.makedirs(fs._parent(path), exist_ok=True)
     staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.partial")

@@ -57,7 +57,10 @@ def local_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> tupl
 def test_every_good_row_becomes_an_mp4_with_the_rows_frames_size_and_fps(local_run) -> None:
     _, output, summary = local_run
     assert (summary.total, summary.done, summary.failed) == (5, 3, 2)
-    assert sorted(p.name for p in (output / "videos").iterdir()) == sorted(f"{i}.mp4" for i in EXPECTED)
+    # The MP4s, and the dataset's metadata beside them (HuggingFace's folder layout).
+    assert sorted(p.name for p in (output / "videos").iterdir()) == sorted(
+        [*(f"{i}.mp4" for i in EXPECTED), "metadata.parquet"]
+    )
     for video_id, (num_frames, height, width, fps) in EXPECTED.items():
         frames, rate = decode(output / "videos" / f"{video_id}.mp4")
         assert frames.shape == (num_frames, height, width, 3), video_id
@@ -87,13 +90,13 @@ def test_results_index_has_one_row_per_manifest_row(local_run) -> None:
 
 def test_rerunning_skips_done_rows_and_rerenders_a_lost_video_bit_identically(local_run) -> None:
     manifest, output, _ = local_run
-    before = {p.name: p.read_bytes() for p in (output / "videos").iterdir()}
+    before = {p.name: p.read_bytes() for p in (output / "videos").glob("*.mp4")}
     (output / "videos" / "beta.mp4").unlink()  # a lost output is not "done", whatever the index says
     lines: list[str] = []
     summary = run_job(JobConfig(manifest=str(manifest), output=str(output)), log=lines.append)
     assert summary.skipped == 2 and (summary.done, summary.failed, summary.total) == (3, 2, 5)
     assert "skipping 2 rows already done" in " ".join(lines)
-    after = {p.name: p.read_bytes() for p in (output / "videos").iterdir()}
+    after = {p.name: p.read_bytes() for p in (output / "videos").glob("*.mp4")}
     assert before == after
     results = pd.read_parquet(output / "results")
     assert len(results) == len(GOOD + BAD) and results.id.is_unique
@@ -254,7 +257,7 @@ def test_a_nightly_run_over_a_growing_folder_renders_only_the_new_rows(ray_local
     write_manifest(folder / "2026-11-23.parquet", GOOD[:2])  # columns: ..., seed, fps
     first = run_job(JobConfig(manifest=str(folder), output=str(output)), log=lambda _: None)
     assert (first.total, first.done, first.skipped) == (2, 2, 0)
-    rendered = {path.name: path.stat().st_mtime_ns for path in (output / "videos").iterdir()}
+    rendered = {path.name: path.stat().st_mtime_ns for path in (output / "videos").glob("*.mp4")}
 
     write_manifest(folder / "2026-11-24.parquet", GOOD[2:])  # other columns: num_inference_steps, no seed or fps
     second = run_job(JobConfig(manifest=f"{folder}/*.parquet", output=str(output)), log=lambda _: None)

@@ -124,6 +124,8 @@ def test_a_driver_killed_after_some_videos_and_mid_video_renders_only_the_rest(
     fs, root = fsspec.core.url_to_fs(output)
     # No fold into the index before the kill: what proves the short videos done is their records alone.
     with driver(manifest, output, "--index-interval", "3600") as process:
+        for row in SHORTS:  # committed while the long video renders (their writers' pace varies, on S3 most)
+            wait_for(fs, f"{root}/_records/{row['id']}.json", process)
         wait_for(fs, f"{root}/_segments/{LONG['id']}/00002.safetensors", process)
         os.killpg(process.pid, signal.SIGKILL)  # the driver and everything it started, mid-video
     before = committed(fs, root)
@@ -163,7 +165,7 @@ def test_sigterm_stops_cleanly_and_the_same_command_finishes_every_row_once(ray_
     assert not (output / "videos" / f"{LONG['id']}.mp4").exists()
     stopped = pd.read_parquet(output / "results")
     assert sorted(stopped.id) == [row["id"] for row in SHORTS] and set(stopped.status) == {"done"}
-    shorts = {path.name: path.stat().st_mtime_ns for path in (output / "videos").iterdir()}
+    shorts = {path.name: path.stat().st_mtime_ns for path in (output / "videos").glob("*.mp4")}
     # The stopped job keeps the embeddings of the row it left, so the run that resumes it encodes nothing for it
     # (an encoder finding a text stored encodes nothing: test_encode).
     store = EmbeddingStore(str(output), "tiny-df")

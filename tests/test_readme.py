@@ -1,4 +1,5 @@
-"""The README's numbers: every table under a `python bench/...` command is that script's results file."""
+"""The README and docs/: every table under a `python bench/...` command is that script's results file, every
+relative link and anchor resolves, every page is linked from the README, and the index's column table is RESULTS."""
 
 from __future__ import annotations
 
@@ -45,9 +46,20 @@ def recorded(cell: str, numbers: list[float]) -> bool:
     return any(round(number, decimals) == float(text) for number in numbers)
 
 
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", text, re.MULTILINE)
+    return {re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
 def test_every_number_in_a_bench_table_is_in_the_results_file_its_script_writes() -> None:
-    tables = list(bench_tables((REPO / "README.md").read_text()))
-    assert {script for script, _ in tables} == {"long_video_memory", "throughput", "scaling", "options", "scale"}
+    tables = [table for page in PAGES for table in bench_tables(page.read_text())]
+    expected = {"long_video_memory", "throughput", "scaling", "options", "scale", "gallery"}
+    assert {script for script, _ in tables} == expected
     for script, table in tables:
         results = REPO / "bench" / "results" / f"{script}.json"
         assert f"{script}.json" in (REPO / "bench" / f"{script}.py").read_text(), f"{script}.py does not write it"
@@ -62,3 +74,29 @@ def test_the_check_finds_a_number_that_no_results_file_has(tmp_path: Path) -> No
     numbers = numbers_in(json.loads((REPO / "bench" / "results" / "options.json").read_text()))
     assert recorded("4.76", numbers) and not recorded(table[-1][1], numbers)  # 4.77 is in no results file
     assert len(list(bench_tables(text))) == 1, "a table after a heading has no command"
+
+
+def test_every_relative_link_and_anchor_resolves_and_every_page_is_linked() -> None:
+    linked = set()
+    for page in PAGES:
+        text = page.read_text()
+        for target in LINK.findall(text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            assert resolved.exists(), f"{page.name}: {target} does not exist"
+            linked.add(resolved)
+            if anchor:
+                assert anchor in anchors(resolved.read_text()), f"{page.name}: {target}: no such heading"
+    assert set(PAGES[1:]) <= linked, "a docs page the README does not lead to"
+
+
+def test_the_results_index_table_is_the_index_schema() -> None:
+    from skyreels_batch.results import RESULTS
+
+    section = (REPO / "docs" / "operations.md").read_text().split("\n## The results index\n", 1)[1]
+    table = dict(re.findall(r"^\| `(\w+)` \| (\w+) \|", section.split("\n## ", 1)[0], re.MULTILINE))
+    kinds = {"string": "string", "int64": "int", "double": "float", "timestamp[ms, tz=UTC]": "timestamp"}
+    assert table == {field.name: kinds[str(field.type)] for field in RESULTS}
+    assert list(table) == RESULTS.names

@@ -131,14 +131,14 @@ def test_max_frames_flag_caps_rows() -> None:
         resolve({"id": "v1", "prompt": "p", "num_frames": 33}, CARD, max_frames=17)
 
 
-def readme_manifest_table() -> dict[str, str]:
-    """The README's manifest table: column -> its type cell."""
-    section = (REPO / "README.md").read_text().split("\n## The manifest\n", 1)[1].split("\n## ", 1)[0]
+def docs_manifest_table() -> dict[str, str]:
+    """The manifest table in docs/manifest.md: column -> its type cell."""
+    section = (REPO / "docs" / "manifest.md").read_text().split("\n## The manifest\n", 1)[1].split("\n## ", 1)[0]
     return {name: kind.strip() for name, kind in re.findall(r"^\| `(\w+)` \| ([^|]+) \|", section, re.MULTILINE)}
 
 
 def documented_type(annotation: object, required: bool) -> str:
-    """A schema field's type as the README's table writes it."""
+    """A schema field's type as the docs' table writes it."""
     kinds = {str: "string", int: "int", float: "float", list[str]: "list of strings"}
     (kind,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
     if typing.get_origin(kind) is typing.Literal:
@@ -146,8 +146,8 @@ def documented_type(annotation: object, required: bool) -> str:
     return kinds[kind] + (", required" if required else "")
 
 
-def test_the_readme_manifest_table_is_the_schema_in_both_directions() -> None:
-    table = readme_manifest_table()
-    assert list(table) == list(ManifestRow.model_fields), "the README's columns, in order, are the schema's"
+def test_the_docs_manifest_table_is_the_schema_in_both_directions() -> None:
+    table = docs_manifest_table()
+    assert list(table) == list(ManifestRow.model_fields), "the docs' columns, in order, are the schema's"
     for name, field in ManifestRow.model_fields.items():
         assert table[name] == documented_type(field.annotation, field.is_required()), name

@@ -45,6 +45,8 @@ WRITTEN = pa.schema(
     [
         *RENDERED,
         pa.field("uri", pa.string()),
+        pa.field("poster_uri", pa.string()),
+        pa.field("sheet_uri", pa.string()),
         pa.field("latents_uri", pa.string()),
         pa.field("checksum", pa.string()),
         pa.field("encode_s", pa.float64()),

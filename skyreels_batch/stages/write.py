@@ -14,6 +14,7 @@ from skyreels_batch.results import result_row, write_record
 from skyreels_batch.schema import RenderParams, plan_for
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import WRITTEN, RowStage
+from skyreels_batch.thumbnails import Thumbnails
 from skyreels_batch.video import encode_mp4
 
 
@@ -21,16 +22,26 @@ def video_uri(output: str, video_id: str) -> str:
     return storage.join(output, "videos", f"{video_id}.mp4")
 
 
+def poster_uri(output: str, video_id: str) -> str:
+    return storage.join(output, "posters", f"{video_id}.jpg")
+
+
+def sheet_uri(output: str, video_id: str) -> str:
+    return storage.join(output, "sheets", f"{video_id}.jpg")
+
+
 def latents_uri(output: str, video_id: str) -> str:
     return storage.join(output, "latents", f"{video_id}.safetensors")
 
 
 class WriteVideos(RowStage):
-    """Rendered rows -> `uri`, `checksum` (sha256 of the MP4), `encode_s`; with `save_latents` also the video's
+    """Rendered rows -> `uri`, `checksum` (sha256 of the MP4), `encode_s`, and the video's poster and contact sheet
+    (thumbnails.py: JPEGs picked from the frames on their way into the MP4); with `save_latents` also the video's
     latents. Reads one segment at a time, so memory does not grow with length. CPU work: runs as Ray tasks.
 
-    Commits in this order: the MP4, then its record (results.py: the proof that it is done, and for which
-    request), then the segments are removed. Killed between any two, the next run redoes at most the MP4."""
+    Commits in this order: the MP4, its poster and sheet, then its record (results.py: the proof that it is done,
+    and for which request), then the segments are removed. Killed between any two, the next run redoes at most the
+    MP4 and its pictures."""
 
     output_schema = WRITTEN
     failure = "writing the MP4 failed"
@@ -45,13 +56,20 @@ class WriteVideos(RowStage):
         started = time.perf_counter()
         store = SegmentStore(self.output, params.id)
         count = row["num_segments"]
-        frames = store.frames(count, with_clip=params.mode == "v2v")
+        with_clip = params.mode == "v2v"
+        thumbnails = Thumbnails(*_frame_count_and_seams(params, store, with_clip))
+        frames = thumbnails.watch(store.frames(count, with_clip=with_clip))
         mp4 = encode_mp4(frames, fps=params.fps, crf=self.crf, lossless=self.lossless)
         saved_latents = self._save_latents(params, store, count) if self.save_latents else None
         uri = video_uri(self.output, params.id)
         storage.write_bytes_atomic(uri, mp4)
+        poster, sheet = poster_uri(self.output, params.id), sheet_uri(self.output, params.id)
+        storage.write_bytes_atomic(poster, thumbnails.poster_jpeg())
+        storage.write_bytes_atomic(sheet, thumbnails.sheet_jpeg())
         written = {
             "uri": uri,
+            "poster_uri": poster,
+            "sheet_uri": sheet,
             "latents_uri": saved_latents,
             "checksum": hashlib.sha256(mp4).hexdigest(),
             "encode_s": time.perf_counter() - started,
@@ -69,3 +87,13 @@ class WriteVideos(RowStage):
         uri = latents_uri(self.output, params.id)
         storage.write_bytes_atomic(uri, save_tensors({"latents": torch.cat(parts, dim=2).contiguous()}))
         return uri
+
+
+def _frame_count_and_seams(params: RenderParams, store: SegmentStore, with_clip: bool) -> tuple[int, list[int]]:
+    """The video's frame count and the first new frame of each segment that continues something (a seam)."""
+    start, seams = store.clip_length() if with_clip else 0, []
+    for segment in plan_for(params).segments:
+        if start:
+            seams.append(start)
+        start += segment.new_frames
+    return start, seams

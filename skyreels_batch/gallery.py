@@ -1,0 +1,110 @@
+"""The run gallery: `<output>/index.html`, a static page of the results index with relative links only, so it works
+opened from local disk and served from the bucket.
+
+- **Assets** (`gallery_assets/`): the page, `gallery/app.js` and `gallery/style.css`, written beside the index.
+- **Data**: one script per results index file, `gallery/data/<file>.js`, holding that file's rows (the columns a
+  card shows) as arrays; `gallery/files.js` lists them with a version each, so a browser never mixes a rewritten
+  shard with its cached copy. A run's parts never change, so while the run goes each refresh writes only the new
+  part's script; after a fold (a run's start and end) every shard's script is written again.
+- The page loads the scripts with script tags (pages opened from disk may not `fetch`), filters in memory, and
+  draws a page of cards at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from skyreels_batch import storage
+
+ASSETS = Path(__file__).parent / "gallery_assets"
+CARD_COLUMNS = ("id", "status", "prompt", "mode", "seed", "width", "height", "num_frames", "num_segments")
+CARD_COLUMNS += ("render_s", "error", "video", "poster", "sheet")
+# What the cards need from an index file; `params` gives the mode. Files of older versions may lack a column.
+INDEX_COLUMNS = ("id", "status", "prompt", "seed", "width", "height", "num_frames", "num_segments", "render_s")
+INDEX_COLUMNS += ("error", "uri", "poster_uri", "sheet_uri", "params")
+
+
+def gallery_dir(output: str) -> str:
+    return storage.join(output, "gallery")
+
+
+def data_dir(output: str) -> str:
+    return storage.join(gallery_dir(output), "data")
+
+
+class Gallery:
+    """The gallery of one output, kept in step with its results index by `refresh`."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.versions: dict[str, str] = {}  # index file stem -> version of its data script
+        self.assets_written = False
+
+    def refresh(self, index_files: list[str], *, rewrite: bool, running: bool) -> None:
+        """Write the data of index files that have none yet (every file's when `rewrite`: after a fold), remove the
+        data of files the index no longer has, then the list. Data first, list last: a page loaded meanwhile sees
+        the old list, whose files are all still there or are skipped."""
+        if not self.assets_written:
+            self._write_assets()
+        files = {uri.rsplit("/", 1)[-1].removesuffix(".parquet"): uri for uri in index_files}
+        version = f"{time.time_ns():x}"
+        for name, uri in files.items():
+            if rewrite or name not in self.versions:
+                storage.write_bytes_atomic(self._data_uri(name), data_script(uri))
+                self.versions[name] = version
+        stored = {name.removesuffix(".js") for name in storage.list_names(data_dir(self.output), ".js")}
+        gone = (stored | set(self.versions)) - set(files)
+        storage.remove_files([self._data_uri(name) for name in sorted(gone) if name in stored])
+        self.versions = {name: self.versions[name] for name in files}
+        listing = {
+            "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "running": running,
+            "files": sorted(self.versions.items()),
+        }
+        storage.write_bytes_atomic(storage.join(gallery_dir(self.output), "files.js"), _call("files", listing))
+
+    def _data_uri(self, name: str) -> str:
+        return storage.join(data_dir(self.output), f"{name}.js")
+
+    def _write_assets(self) -> None:
+        storage.write_bytes_atomic(storage.join(self.output, "index.html"), (ASSETS / "index.html").read_bytes())
+        for name in ("app.js", "style.css"):
+            storage.write_bytes_atomic(storage.join(gallery_dir(self.output), name), (ASSETS / name).read_bytes())
+        self.assets_written = True
+
+
+def data_script(index_file: str) -> bytes:
+    """One results index file's rows as a script: `skyreelsGallery.add(columns, rows)`."""
+    parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(index_file)))
+    present = [name for name in INDEX_COLUMNS if name in parquet.schema_arrow.names]
+    rows = [card_row(row) for row in parquet.read(columns=present).to_pylist()]
+    return _call("add", list(CARD_COLUMNS), [[row[name] for name in CARD_COLUMNS] for row in rows])
+
+
+def card_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An index row -> what its card shows. Links are relative to the output, where index.html is."""
+    video_id = row["id"]
+    params = json.loads(row["params"]) if row.get("params") else {}
+    render_s = row.get("render_s")
+    return {
+        **{name: row.get(name) for name in CARD_COLUMNS},
+        "mode": params.get("mode"),
+        "seed": None if row.get("seed") is None else str(row["seed"]),  # up to 2^63: more than a JS number holds
+        "render_s": None if render_s is None else round(render_s, 2),
+        "video": f"videos/{video_id}.mp4" if row.get("uri") else None,
+        "poster": f"posters/{video_id}.jpg" if row.get("poster_uri") else None,
+        "sheet": f"sheets/{video_id}.jpg" if row.get("sheet_uri") else None,
+    }
+
+
+def _call(method: str, *arguments: Any) -> bytes:
+    # ensure_ascii also escapes U+2028/U+2029, which end a line in JavaScript source but not in JSON.
+    text = ", ".join(json.dumps(argument, ensure_ascii=True, allow_nan=False) for argument in arguments)
+    return f"skyreelsGallery.{method}({text});\n".encode()

@@ -1,0 +1,128 @@
+"""A run report from the results index alone: `python -m skyreels_batch.report OUTPUT [--plot FILE.png]`.
+
+Totals (done, failed by kind of error), videos per hour, GPU-hours (render actor time), the transformer's share of
+it, seconds per video by model, mode and size, and the slowest rows. `--plot` draws throughput over time and the
+distribution of seconds per video (matplotlib: `pip install -e ".[report]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import sys
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from skyreels_batch import storage
+from skyreels_batch.results import results_dir
+
+SLOWEST = 5
+# `row 'x': <what>: ...`: the error's kind is <what> (a field, or the stage that failed: "render failed").
+ERROR_KIND = re.compile(r"^row .*?: ([a-z0-9_ /]+?)(?:: |$)")
+LOST = re.compile(r"^row .*?: lost \d+ times")
+
+
+def read_index(output: str) -> pd.DataFrame:
+    """Every row of the index, shards and a running job's parts; one row per id (a part's row is the newer)."""
+    files = storage.list_files(results_dir(storage.normalize(output)), ".parquet")
+    if not files:
+        raise SystemExit(f"no results index under {output}")
+    files.sort(key=lambda uri: "/shard-" not in uri)  # shards first, then parts (stable: oldest part first)
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(uri))) for uri in files]
+    frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+    frame = frame.drop_duplicates("id", keep="last").reset_index(drop=True)
+    params = frame["params"].map(lambda text: json.loads(text) if isinstance(text, str) else {})
+    frame["mode"] = params.map(lambda p: p.get("mode"))
+    sizes = zip(frame["width"], frame["height"], strict=True)
+    frame["size"] = [f"{int(w)}x{int(h)}" if pd.notna(w) and pd.notna(h) else None for w, h in sizes]
+    frame["error_kind"] = frame["error"].map(error_kind)
+    return frame
+
+
+def error_kind(error: object) -> str | None:
+    if not isinstance(error, str):
+        return None
+    if LOST.match(error):
+        return "lost (gave up after retries)"
+    match = ERROR_KIND.match(error)
+    return match.group(1) if match else "other"
+
+
+def report(frame: pd.DataFrame) -> str:
+    done = frame[frame.status == "done"]
+    lines = [f"rows {len(frame):,}: {len(done):,} done, {len(frame) - len(done):,} failed"]
+    for kind, count in frame.error_kind.value_counts().items():
+        lines.append(f"  failed, {kind}: {count:,}")
+    timed = done.dropna(subset=["render_started", "render_s"])
+    if len(timed):
+        ended = timed.render_started + pd.to_timedelta(timed.render_s + timed.encode_s.fillna(0), unit="s")
+        hours = max((ended.max() - timed.render_started.min()).total_seconds() / 3600, 1e-9)
+        render_hours = timed.render_s.sum() / 3600
+        share = timed.transformer_s.sum() / timed.render_s.sum() if timed.render_s.sum() else 0.0
+        lines += [
+            f"videos per hour: {len(timed) / hours:,.1f} (over {_duration(hours * 3600)} of wall time)",
+            f"GPU-hours (render actor time): {render_hours:,.3f}; the transformer's share: {share:.0%}",
+            "",
+            "seconds per video by model, mode and size:",
+            _table(
+                timed.groupby(["model", "mode", "size"])
+                .render_s.agg(videos="count", mean="mean", p50="median", max="max")
+                .round(2)
+                .reset_index()
+            ),
+            "",
+            f"slowest {min(SLOWEST, len(timed))}:",
+            _table(
+                timed.nlargest(SLOWEST, "render_s")[["id", "model", "mode", "size", "num_segments", "render_s"]].round(
+                    2
+                )
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def plot(frame: pd.DataFrame, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = frame[frame.status == "done"].dropna(subset=["render_started", "render_s"])
+    ended = (done.render_started + pd.to_timedelta(done.render_s, unit="s")).sort_values()
+    figure, (throughput, seconds) = plt.subplots(1, 2, figsize=(11, 4))
+    throughput.step(ended, range(1, len(ended) + 1), where="post")
+    throughput.set(title="videos done over time", xlabel="time (UTC)", ylabel="videos")
+    throughput.tick_params(axis="x", labelrotation=30)
+    seconds.hist(done.render_s, bins=min(50, max(5, len(done) // 5)))
+    seconds.set(title="seconds per video (render)", xlabel="seconds", ylabel="videos")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:,.1f} s" if seconds < 120 else f"{seconds / 60:,.1f} min"
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_string(index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skyreels_batch.report", description=__doc__.splitlines()[0])
+    parser.add_argument("output", help="the job's --output (local path or fsspec URL)")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw throughput and seconds per video")
+    args = parser.parse_args(argv)
+    frame = read_index(args.output)
+    print(report(frame))
+    if args.plot:
+        plot(frame, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
