@@ -51,7 +51,7 @@ class WorkList:
     """The job's plan, held by the driver: compact (no resolved parameters), one table for a million rows."""
 
     rows: pa.Table  # the rows to render, in render order: their manifest columns and PLANNED's
-    failed: pa.Table  # `id`, `error` of the rows that failed validation
+    failed: pa.Table  # `id`, `error` (and `prompt`, where it is text) of the rows that failed validation
     skipped: int  # rows an earlier run finished for the same request
 
 
@@ -155,7 +155,10 @@ def plan_work(
     batches = list(planned.iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(batches) if batches else _empty_plan(manifest)
     del batches
-    failed = table.filter(pc.is_valid(table["error"])).select(["id", "error"])
+    # A failed row keeps its prompt where it has one, so the gallery and the index can still say what it was.
+    prompt_type = table.schema.field("prompt").type if "prompt" in table.column_names else None
+    has_prompt = prompt_type is not None and (pa.types.is_string(prompt_type) or pa.types.is_large_string(prompt_type))
+    failed = table.filter(pc.is_valid(table["error"])).select(["id", "error", *(["prompt"] if has_prompt else [])])
     done = pc.is_in(_request_keys(table), _request_keys(finished))
     todo = table.filter(pc.and_(pc.is_null(table["error"]), pc.invert(pc.fill_null(done, False))))
     # Only what the passes need from here on (`id` is PLANNED's: a string whatever the manifest's type).

@@ -117,6 +117,7 @@ def test_every_video_has_its_poster_and_sheet_in_the_index(finished_run: Path) -
         assert int(np.argmin(distance)) == len(frames) // 2, distance
         assert Image.open(index.loc[video_id].sheet_uri).format == "JPEG"
     assert index.loc[["bad-frames", "no-image"]].poster_uri.isna().all()
+    assert index.loc["bad-frames"].prompt == "ten frames is not 4k+1", "a row failed in validation keeps its prompt"
 
 
 @pytest.mark.slow
