@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import threading
 import time
@@ -62,6 +63,7 @@ RESULTS = pa.schema(
         ("encode_s", pa.float64()),
     ]
 )
+logger = logging.getLogger(__name__)
 PARAM_COLUMNS = ("prompt", "num_frames", "fps", "width", "height", "seed", "model")
 # Enough that a fold rewrites a small part of a million-row index, few enough to read in one go.
 SHARDS = 64
@@ -182,8 +184,14 @@ class ResultsIndex:
         return storage.list_files(results_dir(self.output), ".parquet")
 
     def _refresh_gallery(self, *, rewrite: bool, running: bool = True) -> None:
-        if self.gallery is not None:
+        """The gallery is a view of the index: failing to write it never stops a run. Files it did not write are
+        written by the next refresh (a fold's, at the latest)."""
+        if self.gallery is None:
+            return
+        try:
             self.gallery.refresh(self.files(), rewrite=rewrite, running=running)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("the gallery was not refreshed (the next refresh tries again): %s", error)
 
     def _fold_records(self, files: list[str]) -> int:
         records = storage.list_files(records_dir(self.output), ".json")

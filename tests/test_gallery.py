@@ -199,6 +199,20 @@ def test_the_gallery_follows_the_index_as_a_run_goes(tmp_path: Path) -> None:
     assert _script_argument((tmp_path / "out" / "gallery" / "files.js").read_text())["running"] is False
 
 
+def test_a_gallery_that_cannot_be_written_never_stops_the_index(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "gallery").write_text("a file where the gallery's folder goes")
+    index = ResultsIndex(str(output), gallery=Gallery(str(output)))
+    index.add([{"id": "a", "status": "done"}])
+    assert index.flush() == 1
+    index.close()
+    assert pd.read_parquet(results_dir(str(output))).id.tolist() == ["a"]
+    (output / "gallery").unlink()  # the next refresh writes what the failed ones did not
+    ResultsIndex(str(output), gallery=Gallery(str(output)))
+    assert (output / "gallery" / "files.js").exists() and list((output / "gallery" / "data").glob("shard-*.js"))
+
+
 def test_a_gallery_in_a_bucket_is_served_as_a_page(s3_endpoint: str) -> None:
     output = f"s3://{BUCKET}/gallery-served"
     index = ResultsIndex(output, gallery=Gallery(output))
