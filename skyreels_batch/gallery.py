@@ -59,9 +59,10 @@ class Gallery:
             if rewrite or name not in self.versions:
                 storage.write_bytes_atomic(self._data_uri(name), data_script(uri))
                 self.versions[name] = version
-        stored = {name.removesuffix(".js") for name in storage.list_names(data_dir(self.output), ".js")}
-        gone = (stored | set(self.versions)) - set(files)
-        storage.remove_files([self._data_uri(name) for name in sorted(gone) if name in stored])
+        gone = set(self.versions) - set(files)
+        if rewrite:  # after a fold; also the scripts of files an earlier run left (only a fold removes index files)
+            gone |= {name.removesuffix(".js") for name in storage.list_names(data_dir(self.output), ".js")} - set(files)
+        storage.remove_files([self._data_uri(name) for name in sorted(gone)])
         self.versions = {name: self.versions[name] for name in files}
         listing = {
             "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -68,19 +68,16 @@ def report(frame: pd.DataFrame) -> str:
             f"GPU-hours (render actor time): {render_hours:,.3f}; the transformer's share: {share:.0%}",
             "",
             "seconds per video by model, mode and size:",
-            _table(
-                timed.groupby(["model", "mode", "size"])
-                .render_s.agg(videos="count", mean="mean", p50="median", max="max")
-                .round(2)
-                .reset_index()
-            ),
+            timed.groupby(["model", "mode", "size"])
+            .render_s.agg(videos="count", mean="mean", p50="median", max="max")
+            .round(2)
+            .reset_index()
+            .to_string(index=False),
             "",
             f"slowest {min(SLOWEST, len(timed))}:",
-            _table(
-                timed.nlargest(SLOWEST, "render_s")[["id", "model", "mode", "size", "num_segments", "render_s"]].round(
-                    2
-                )
-            ),
+            timed.nlargest(SLOWEST, "render_s")[["id", "model", "mode", "size", "num_segments", "render_s"]]
+            .round(2)
+            .to_string(index=False),
         ]
     return "\n".join(lines)
 
@@ -105,10 +102,6 @@ def plot(frame: pd.DataFrame, path: str) -> None:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:,.1f} s" if seconds < 120 else f"{seconds / 60:,.1f} min"
-
-
-def _table(frame: pd.DataFrame) -> str:
-    return frame.to_string(index=False)
 
 
 def main(argv: list[str] | None = None) -> int:
