@@ -8,17 +8,14 @@ distribution of seconds per video (matplotlib: `pip install -e ".[report]"`).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 import sys
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from skyreels_batch import storage
-from skyreels_batch.results import results_dir
+from skyreels_batch.results import read_index
 
 SLOWEST = 5
 # `row 'x': <what>: ...`: the error's kind is <what> (a field, or the stage that failed: "render failed").
@@ -26,15 +23,12 @@ ERROR_KIND = re.compile(r"^row .*?: ([a-z0-9_ /]+?)(?:: |$)")
 LOST = re.compile(r"^row .*?: lost \d+ times")
 
 
-def read_index(output: str) -> pd.DataFrame:
-    """Every row of the index, shards and a running job's parts; one row per id (a part's row is the newer)."""
-    files = storage.list_files(results_dir(storage.normalize(output)), ".parquet")
-    if not files:
-        raise SystemExit(f"no results index under {output}")
-    files.sort(key=lambda uri: "/shard-" not in uri)  # shards first, then parts (stable: oldest part first)
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(uri))) for uri in files]
-    frame = pa.concat_tables(tables, promote_options="default").to_pandas()
-    frame = frame.drop_duplicates("id", keep="last").reset_index(drop=True)
+def read_report(output: str) -> pd.DataFrame:
+    """The index (one row per id, read exactly even while a job folds it) with the columns the report groups by."""
+    try:
+        frame = read_index(storage.normalize(output))
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     params = frame["params"].map(lambda text: json.loads(text) if isinstance(text, str) else {})
     frame["mode"] = params.map(lambda p: p.get("mode"))
     sizes = zip(frame["width"], frame["height"], strict=True)
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="the job's --output (local path or fsspec URL)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw throughput and seconds per video")
     args = parser.parse_args(argv)
-    frame = read_index(args.output)
+    frame = read_report(args.output)
     print(report(frame))
     if args.plot:
         plot(frame, args.plot)

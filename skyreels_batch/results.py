@@ -11,7 +11,8 @@
 - **Between runs the index is SHARDS Parquet files**, `results/shard-NN.parquet`; an id always lives in the shard
   its hash names. A run folds its parts into the shards when it ends (or stops), and a run that starts folds in
   what a killed one left (its parts and records). Only during those folds, seconds long, can a reader see a row
-  twice or find a file replaced under it. Beside them, `results/_runs/<run>.json` holds each run's metadata.
+  twice (the same row: copied into its shard, its part not deleted yet) or find a file replaced under it;
+  `read_index` reads the index exactly at any moment. Beside them, `results/_runs/<run>.json` holds each run's metadata.
 - **The gallery** (gallery.py), when the index has one, is refreshed with it: at every flush, fold and retraction.
 """
 
@@ -29,6 +30,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -248,6 +250,26 @@ class ResultsIndex:
 
 
 _SHARDS = frozenset(shard_name(shard) for shard in range(SHARDS))
+
+
+def read_index(output: str, attempts: int = 10) -> pd.DataFrame:
+    """The index, one row per id, exact whenever it is read: during a fold, a row copied into its shard whose part
+    is not deleted yet is kept once, and a part folded away between listing and reading sends the read back to the
+    listing. Outside folds a plain read (pandas, Ray Data) is exact too."""
+    for _ in range(attempts):
+        files = storage.list_files(results_dir(output), ".parquet")
+        files.sort(key=lambda uri: uri.rsplit("/", 1)[-1] not in _SHARDS)  # shards, then parts oldest first
+        try:
+            tables = [_read_table(uri) for uri in files]
+        except FileNotFoundError:
+            continue
+        if not tables:
+            raise FileNotFoundError(f"no results index under {output}")
+        # A later row wins: a part's over a shard's, a later part's over an earlier one's (older layouts lack
+        # columns added since: null for their rows).
+        frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+        return frame.drop_duplicates("id", keep="last").reset_index(drop=True)
+    raise RuntimeError(f"the results index under {output} changed under {attempts} reads in a row")
 
 
 def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -86,6 +86,7 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     if not fs.exists(path):
         return []
     names = [info["name"] for info in fs.ls(path, detail=True) if info["type"] == "file"]
+    fs.invalidate_cache(path)  # the next listing sees what changed since (s3fs keeps listings otherwise)
     return [join(uri, name.rsplit("/", 1)[-1]) for name in sorted(names) if name.endswith(suffix)]
 
 

@@ -24,7 +24,7 @@ from skyreels_batch.gallery import Gallery, data_dir
 from skyreels_batch.models import card_for
 from skyreels_batch.pipeline import run_job
 from skyreels_batch.report import main as report_main
-from skyreels_batch.report import read_index, report
+from skyreels_batch.report import read_report, report
 from skyreels_batch.results import ResultsIndex, results_dir
 from skyreels_batch.schema import resolve
 from skyreels_batch.segments import SegmentStore
@@ -162,7 +162,7 @@ def test_the_report_arithmetic(tmp_path: Path) -> None:
     index = ResultsIndex(output)
     index.add(rows)
     index.close()
-    printed = report(read_index(output))
+    printed = report(read_report(output))
     assert "rows 6: 4 done, 2 failed" in printed
     assert "failed, num_frames: 1" in printed and "failed, lost (gave up after retries): 1" in printed
     assert "videos per hour: 7.7 (over 31.0 min of wall time)" in printed  # 4 videos from 12:00 to 12:31

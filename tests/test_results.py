@@ -15,7 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from skyreels_batch import storage
-from skyreels_batch.results import RESULTS, SHARDS, ResultsIndex, record_uri, results_dir, write_record
+from skyreels_batch.results import (
+    RESULTS,
+    SHARDS,
+    ResultsIndex,
+    read_index,
+    record_uri,
+    results_dir,
+    write_record,
+)
 from tests.conftest import BUCKET
 
 
@@ -43,7 +51,8 @@ def output(request, tmp_path: Path) -> str:
     return f"s3://{BUCKET}/index-{tmp_path.name}"
 
 
-def read_index(output: str) -> pd.DataFrame:
+def read_plain(output: str) -> pd.DataFrame:
+    """What pandas (or any Parquet reader pointed at the folder) sees."""
     return pd.read_parquet(results_dir(output))
 
 
@@ -53,7 +62,7 @@ def test_records_a_killed_run_left_are_folded_into_the_shards_and_deleted(output
         write_record(output, done(video_id))  # what the writer stage commits with each MP4
     index = ResultsIndex(output)  # a new run opens the output
     assert not storage.list_files(storage.join(output, "_records"))
-    rows = read_index(output).set_index("id")
+    rows = read_plain(output).set_index("id")
     assert sorted(rows.index) == ["a", "b"] and (rows.status == "done").all()
     assert rows.loc["a"].render_started == pd.Timestamp("2026-11-30 12:00", tz="UTC")
     assert sorted(index.finished().to_pydict()["id"]) == ["a", "b"]
@@ -87,7 +96,7 @@ def test_one_row_per_id_in_at_most_shards_files_however_many_runs(output: str) -
     ids = [f"video-{number}" for number in range(200)]
     for attempt, status in enumerate(["failed", "done", "done"]):  # failed, then done, then a new request
         run(output, [{"id": video_id, "status": status, "request_hash": f"r{attempt}"} for video_id in ids])
-    rows = read_index(output)
+    rows = read_plain(output)
     assert sorted(rows.id) == sorted(ids) and set(rows.request_hash) == {"r2"}
     files = storage.list_names(results_dir(output))
     assert len(files) <= SHARDS and all(name.startswith("shard-") for name in files)
@@ -98,7 +107,7 @@ def test_a_fold_larger_than_fold_rows_goes_group_by_group(tmp_path: Path, monkey
     output = str(tmp_path / "out")
     run(output, [{"id": f"v{number}", "status": "done", "request_hash": "a"} for number in range(300)])
     run(output, [{"id": f"v{number}", "status": "done", "request_hash": "b"} for number in range(0, 300, 2)])
-    rows = read_index(output).set_index("id")
+    rows = read_plain(output).set_index("id")
     assert len(rows) == 300 and rows.index.is_unique
     assert (rows.request_hash == ["b" if int(name[1:]) % 2 == 0 else "a" for name in rows.index]).all()
 
@@ -110,7 +119,7 @@ def test_a_killed_runs_parts_are_folded_in_by_the_next_run(output: str) -> None:
     write_record(output, done("c"))  # a video it committed after its last flush
     ResultsIndex(output)
     assert all(name.startswith("shard-") for name in storage.list_names(results_dir(output)))
-    assert sorted(read_index(output).id) == ["a", "b", "c"]
+    assert sorted(read_plain(output).id) == ["a", "b", "c"]
 
 
 def test_index_files_of_the_older_layout_are_folded_in_later_files_winning(tmp_path: Path) -> None:
@@ -124,10 +133,10 @@ def test_index_files_of_the_older_layout_are_folded_in_later_files_winning(tmp_p
         pq.write_table(rows, buffer)  # an older file: fewer columns than the index has now
         storage.write_bytes_atomic(storage.join(results_dir(output), name), buffer.getvalue())
     ResultsIndex(output)
-    rows = read_index(output).set_index("id")
+    rows = read_plain(output).set_index("id")
     assert rows.loc["x"].status == "done" and sorted(rows.index) == ["only-done", "only-failed", "x"]
     assert all(name.startswith("shard-") for name in storage.list_names(results_dir(output)))
-    assert list(read_index(output).columns) == RESULTS.names
+    assert list(read_plain(output).columns) == RESULTS.names
 
 
 def test_readers_see_a_consistent_index_while_a_run_adds_to_it(output: str) -> None:
@@ -153,7 +162,7 @@ def test_readers_see_a_consistent_index_while_a_run_adds_to_it(output: str) -> N
     fs, root = fsspec.core.url_to_fs(results_dir(output))
     while not finished.is_set():
         fs.invalidate_cache()
-        rows = read_index(output)
+        rows = read_plain(output)
         assert rows.id.is_unique
         counts.append(len(rows))
         # Hidden names are a local write's staging file, which readers skip and which is gone once renamed.
@@ -161,11 +170,43 @@ def test_readers_see_a_consistent_index_while_a_run_adds_to_it(output: str) -> N
             data = storage.read_bytes(storage.join(results_dir(output), name))
             assert seen.setdefault(name, data) == data, f"{name} changed during the run"
     writer.join()
-    assert len(read_index(output)) == 30 + 500
+    assert len(read_plain(output)) == 30 + 500
     assert counts == sorted(counts) and len(counts) >= 3, counts
     index.close()
-    rows = read_index(output).set_index("id")
+    rows = read_plain(output).set_index("id")
     assert len(rows) == 530 and rows.index.is_unique and rows.loc["earlier-3"].request_hash == "r1"
+
+
+def test_read_index_is_exact_during_a_fold_where_a_plain_read_lists_a_row_twice(
+    output: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(output, [done(f"earlier-{number}", request="r0") for number in range(30)])
+    index = ResultsIndex(output)
+    index.add([done(f"new-{number}") for number in range(40)])
+    index.flush()
+    every = {f"earlier-{number}" for number in range(30)} | {f"new-{number}" for number in range(40)}
+    # The fold stopped between its two steps: the part's rows are in the shards, the part is not deleted yet.
+    with monkeypatch.context() as frozen:
+        frozen.setattr("skyreels_batch.results.storage.remove_files", lambda uris: None)
+        index.close()
+    plain = read_plain(output)
+    assert len(plain) == 30 + 2 * 40 and plain.drop_duplicates().id.is_unique  # the same row twice
+    exact = read_index(output)
+    assert len(exact) == 70 and set(exact.id) == every
+    # And reads that overlap a whole fold: every one lists every id once.
+    index = ResultsIndex(output)  # folds the stopped fold's part in; then a run of 500 new rows
+    for batch in range(10):
+        index.add([done(f"more-{batch}-{row}") for row in range(50)])
+        index.flush()
+    every |= {f"more-{batch}-{row}" for batch in range(10) for row in range(50)}
+    closing = threading.Thread(target=index.close)
+    closing.start()
+    reads = 0
+    while closing.is_alive() or reads == 0:
+        rows = read_index(output)
+        assert len(rows) == len(every) and set(rows.id) == every
+        reads += 1
+    closing.join()
 
 
 def test_record_uri_is_beside_the_videos_not_inside_the_index(tmp_path: Path) -> None:
