@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fold finished videos into the results index every S seconds while the job runs (15)",
     )
     parser.add_argument(
+        "--gpus-per-video",
+        type=int,
+        default=1,
+        choices=[1, 2, 4, 8],
+        metavar="N",
+        help="render each video on a group of N GPUs of one node, its windows split between them (sequence "
+        "parallelism): for a few very long videos; on many short ones it costs throughput (1, 2, 4 or 8; default 1)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="render nothing; print each video's segment plan as one JSON line, then the totals",
@@ -196,6 +205,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         render_resources=dict(args.render_resource),
         stop_grace_s=args.stop_grace,
         index_interval_s=args.index_interval,
+        gpus_per_video=args.gpus_per_video,
     )
 
 

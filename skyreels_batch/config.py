@@ -64,6 +64,13 @@ class JobConfig(BaseModel):
         gt=0,
         description="How often the driver folds finished videos into the results index while the job runs.",
     )
+    gpus_per_video: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Ranks that render one video together (sequence parallelism): a render worker is a group of "
+        "this many processes, one GPU each, on one node.",
+    )
 
 
 # The text encoder shares a GPU with a render actor (1 - this each): with whole GPUs each, on a one-GPU node
@@ -79,8 +86,9 @@ class Resources(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     device: Literal["cuda", "cpu"]
-    min_workers: int
+    min_workers: int  # render workers: single actors, or groups of `ranks` processes
     max_workers: int
+    ranks: int = 1  # processes per render worker (--gpus-per-video), each with the resources below
     render_num_gpus: float
     render_num_cpus: float
     render_resources: dict[str, float] = {}
@@ -97,12 +105,14 @@ def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
     gpus = int(cluster.get("GPU", 0))
     cpus = max(1.0, cluster.get("CPU", os.cpu_count() or 1))
     device = config.device if config.device != "auto" else ("cuda" if gpus else "cpu")
+    ranks = config.gpus_per_video
     if device == "cuda":
-        max_workers = config.max_workers or max(gpus, config.min_workers)
+        max_workers = config.max_workers or max(gpus // ranks, config.min_workers)
         return Resources(
             device="cuda",
             min_workers=config.min_workers,
             max_workers=max_workers,
+            ranks=ranks,
             render_num_gpus=1 - TEXT_ENCODER_GPU_SHARE,
             render_num_cpus=1,
             render_resources=config.render_resources,
@@ -112,18 +122,20 @@ def plan_resources(config: JobConfig, cluster: dict[str, float]) -> Resources:
             text_num_cpus=1,
         )
     max_workers = config.max_workers or config.min_workers
-    # Leave a quarter of the CPUs to text encoders and MP4 writers; split the rest between render actors.
-    share = 0.75 * cpus / max_workers
+    # Leave a quarter of the CPUs to text encoders and MP4 writers; split the rest between render processes.
+    processes = max_workers * ranks
+    share = 0.75 * cpus / processes
     return Resources(
         device="cpu",
         min_workers=min(config.min_workers, max_workers),
         max_workers=max_workers,
+        ranks=ranks,
         render_num_gpus=0,
         # At most 3/4 of a CPU: a one-CPU node then holds a render actor and a text encoder beside it. CPU counts
         # here only place actors; torch_threads decides the cores torch uses.
         render_num_cpus=round(min(0.75, share), 2),
         render_resources=config.render_resources,
-        torch_threads=max(1, int(cpus // max_workers)),
+        torch_threads=max(1, int(cpus // processes)),
         text_workers=config.text_workers,
         text_num_gpus=0,
         # Idle once every text is encoded: a sliver of a CPU, so the render actors keep theirs.

@@ -13,21 +13,31 @@ deliberate differences:
   an async row would otherwise leak its attention mode into every later row.
 
 tests/test_long_video.py pins this module to diffusers' in-process result (latents equal to float tolerance).
+
+Sequence parallelism (`enable_sequence_parallel`, for `--gpus-per-video`) is diffusers' context parallelism with a
+plan of our own: the SkyReels-V2 transformer has none, and Wan's, which otherwise fits it, splits the
+diffusion-forcing timestep per frame, so a window's latent frames would have to divide by the ranks (25 do not
+divide by 2). tests/test_sequence_parallel.py pins it to one process's latents.
 """
 
 from __future__ import annotations
 
 from copy import deepcopy
+from unittest import mock
 
 import numpy as np
 import torch
 from diffusers import (
+    ContextParallelConfig,
     SkyReelsV2DiffusionForcingImageToVideoPipeline,
     SkyReelsV2DiffusionForcingPipeline,
     SkyReelsV2DiffusionForcingVideoToVideoPipeline,
+    SkyReelsV2Transformer3DModel,
 )
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.utils.torch_utils import randn_tensor
+from torch.distributed.device_mesh import init_device_mesh
 
 from skyreels_batch.plan import Segment, VideoPlan
 from skyreels_batch.schema import RenderParams
@@ -166,6 +176,42 @@ def _predict(transformer, model_input, timestep, embeds, fps_embeds, branch: str
             fps=fps_embeds,
             return_dict=False,
         )[0]
+
+
+def enable_sequence_parallel(transformer: SkyReelsV2Transformer3DModel, ranks: int, device: str) -> None:
+    """Split every window's token sequence over the `ranks` processes of the default torch.distributed group
+    (Ulysses: each rank runs attention over all tokens for its share of the heads). Every rank calls this, after
+    loading the same weights, and then runs the same forward calls; every rank gets the whole output."""
+    check_heads(transformer, ranks)
+    mesh = init_device_mesh(device, (1, ranks), mesh_dim_names=("ring", "ulysses"))
+    config = ContextParallelConfig(ulysses_degree=ranks, mesh=mesh)
+    # diffusers records each rank's device as `rank % torch.accelerator.device_count()`, which divides by zero on a
+    # host without accelerators; that device is only recorded, and a CPU group's mesh is built above.
+    count = max(1, torch.accelerator.device_count())
+    with mock.patch.object(torch.accelerator, "device_count", lambda: count):
+        transformer.enable_parallelism(config=config, cp_plan=sequence_parallel_plan(len(transformer.blocks)))
+
+
+def check_heads(transformer: SkyReelsV2Transformer3DModel, ranks: int) -> None:
+    """Each rank attends with an equal share of the heads (SkyReels-V2 1.3B has 12, 14B 40)."""
+    heads = transformer.config.num_attention_heads
+    if heads % ranks:
+        raise ValueError(f"--gpus-per-video {ranks} does not divide the transformer's {heads} attention heads")
+
+
+def sequence_parallel_plan(num_blocks: int) -> dict:
+    """Where the token sequence is split and gathered. The rotary embedding and the first block's input are split
+    along the sequence. Diffusion forcing modulates each token by its frame's timestep: the forward hands every
+    block the same per-token tensor [B, 6, tokens, dim], so each block takes its share of it (a plain checkpoint's
+    is per video, [B, 6, dim], and left whole). The last block's output is gathered, so the final norm, whose
+    modulation is per token too, and the projection see the whole sequence."""
+    split_sequence = ContextParallelInput(split_dim=1, expected_dims=4, split_output=True)
+    return {
+        "rope": {0: split_sequence, 1: split_sequence},
+        "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+        "blocks.*": {"temb": ContextParallelInput(split_dim=2, expected_dims=4, split_output=False)},
+        f"blocks.{num_blocks - 1}": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
 
 
 class StreamingDecoder:

@@ -20,6 +20,7 @@ from skyreels_batch.control import on_driver_node, start_job_control
 from skyreels_batch.dataset import write_dataset_metadata
 from skyreels_batch.embeddings import embeddings_dir
 from skyreels_batch.gallery import Gallery
+from skyreels_batch.groups import PlacementSweeper, rank_bundle, remove_placements
 from skyreels_batch.manifest import Manifest, open_manifest, read_batches
 from skyreels_batch.models import ModelCard, card_for
 from skyreels_batch.progress import Progress
@@ -28,12 +29,15 @@ from skyreels_batch.segments import segments_dir
 from skyreels_batch.stages.admit import AdmitRows
 from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos
+from skyreels_batch.stages.render_group import RenderGroup
 from skyreels_batch.stages.validate import PLANNED, PlanRows, ValidateRows
 from skyreels_batch.stages.write import WriteVideos
 
 # Rows per block of a render pass's source: the object store holds a thousand blocks for a million rows, not a
 # million, and each is cut into one-row blocks only as the render pool takes them (AdmitRows).
 SOURCE_BLOCK_ROWS = 1024
+# A render group's Ray Data actor only hands rows to its rank 0: a sliver of a CPU, anywhere.
+GROUP_NUM_CPUS = 0.05
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
 
     # Rows waiting for a render actor: enough that none idles, few enough that the pass holds no backlog.
     control = start_job_control(window=2 * resources.max_workers + 2)
+    placements = f"render-{index.run}"  # render groups' placement groups (--gpus-per-video)
     try:
         progress = Progress(
             total_videos=work.rows.num_rows, total_segments=pc.sum(work.rows["num_segments"]).as_py() or 0, log=log
@@ -103,12 +108,14 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
         )
 
         def render_pass(rows: pa.Table) -> Dataset:
+            remove_placements(placements)  # the last pass's: its workers are gone
             admitted = admit_rows(rows, card, config, resources, control)
             encoded = encode_prompts(admitted, card, output, resources, config.pipeline, control)
-            rendered = render_videos(encoded, card, output, resources, config.pipeline, control)
+            rendered = render_videos(encoded, card, output, resources, config.pipeline, control, placements)
             return write_videos(rendered, output, config, resources)
 
-        outcome = collector.run(work.rows, render_pass, config.max_retries)
+        with PlacementSweeper(placements):
+            outcome = collector.run(work.rows, render_pass, config.max_retries)
         loads = ray.get(control.model_loads.remote())
     finally:
         ray.kill(control)
@@ -150,7 +157,9 @@ def plan_work(
     """Validate and plan every row (fused into the read tasks), then decide on the driver what to render and in
     which order: rows that failed go to the index, rows an earlier run finished for the same request are skipped,
     the rest are ordered by work, the longest first (`--manifest-order` keeps the manifest's order)."""
-    planner = PlanRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids)
+    planner = PlanRows(
+        card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids, ranks=config.gpus_per_video
+    )
     planned = rows.map_batches(planner, batch_size=None, batch_format="pyarrow", num_cpus=resources.read_num_cpus)
     batches = list(planned.iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(batches) if batches else _empty_plan(manifest)
@@ -185,7 +194,8 @@ def admit_rows(
         num_cpus=resources.read_num_cpus,
         label_selector=on_driver_node(),
     )
-    validated = source.map_batches(ValidateRows(card, max_frames=config.max_frames), **one_at_a_time)
+    validator = ValidateRows(card, max_frames=config.max_frames, ranks=config.gpus_per_video)
+    validated = source.map_batches(validator, **one_at_a_time)
     return validated.map_batches(AdmitRows(control), **one_at_a_time)
 
 
@@ -217,26 +227,44 @@ def render_videos(
     resources: Resources,
     options: PipelineOptions,
     control: ActorHandle,
+    placements: str,
 ) -> Dataset:
+    """With --gpus-per-video N > 1 each actor of the pool holds a render group of N ranks (RenderGroup) in a
+    placement group named `placements-<actor>`; the actor itself only hands rows to the group's rank 0."""
+    render_args = dict(
+        card=card,
+        output=output,
+        device=resources.device,
+        options=options,
+        torch_threads=resources.torch_threads,
+        control=control,
+    )
+    if resources.ranks > 1:
+        group_args = dict(placements=placements, bundle=rank_bundle(resources), ranks=resources.ranks)
+        return on_actor_pool(
+            rows,
+            RenderGroup,
+            {**render_args, **group_args},
+            pool=render_pool(resources),
+            num_gpus=0,
+            num_cpus=GROUP_NUM_CPUS,
+        )
     return on_actor_pool(
         rows,
         RenderVideos,
-        dict(
-            card=card,
-            output=output,
-            device=resources.device,
-            options=options,
-            torch_threads=resources.torch_threads,
-            control=control,
-        ),
-        # One video at a time per actor: a free actor always takes the next waiting video instead of it queueing
-        # behind a busy actor's long one.
-        pool=ActorPoolStrategy(
-            min_size=resources.min_workers, max_size=resources.max_workers, max_tasks_in_flight_per_actor=1
-        ),
+        render_args,
+        pool=render_pool(resources),
         num_gpus=resources.render_num_gpus,
         num_cpus=resources.render_num_cpus,
         resources=resources.render_resources or None,
+    )
+
+
+def render_pool(resources: Resources) -> ActorPoolStrategy:
+    # One video at a time per actor: a free actor always takes the next waiting video instead of it queueing behind
+    # a busy actor's long one.
+    return ActorPoolStrategy(
+        min_size=resources.min_workers, max_size=resources.max_workers, max_tasks_in_flight_per_actor=1
     )
 
 
@@ -315,7 +343,9 @@ def plan_job(config: JobConfig) -> Iterator[dict]:
     """--dry-run: each row's segment plan (or its error) and then the totals, without Ray or a GPU."""
     card = card_for(config.model)
     manifest = open_manifest(config.manifest)
-    planner = PlanRows(card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids)
+    planner = PlanRows(
+        card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids, ranks=config.gpus_per_video
+    )
     videos = segments = cost = failed = 0
     for batch in read_batches(manifest):
         for raw in batch.to_pylist():
@@ -326,8 +356,15 @@ def plan_job(config: JobConfig) -> Iterator[dict]:
                 continue
             plan = row["plan"]
             videos, segments, cost = videos + 1, segments + len(plan.segments), cost + plan.cost
-            yield plan.as_json(row["id"])
-    yield {"total": {"videos": videos, "segments": segments, "cost": cost, "failed": failed}}
+            yield {**plan.as_json(row["id"]), **_wall_cost(plan.cost, config.gpus_per_video)}
+    total = {"videos": videos, "segments": segments, "cost": cost, "failed": failed}
+    yield {"total": {**total, **_wall_cost(cost, config.gpus_per_video)}}
+
+
+def _wall_cost(cost: int, ranks: int) -> dict:
+    """With --gpus-per-video N, a video's passes split N ways: its wall time in passes, at best (all-to-all aside).
+    GPU time, `cost`, stays the same."""
+    return {"gpus_per_video": ranks, "wall_cost": round(cost / ranks, 1)} if ranks > 1 else {}
 
 
 def describe_loads(loads: list[dict]) -> str:

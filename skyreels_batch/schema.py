@@ -262,6 +262,28 @@ def check_size(height: int, width: int, card: ModelCard, label: str) -> None:
         )
 
 
+def check_split(height: int, width: int, ranks: int, label: str) -> None:
+    """A video split over `ranks` (--gpus-per-video) gives every rank the same number of transformer tokens: each
+    frame's, (height/16) x (width/16), must divide by it (diffusers' Ulysses attention splits evenly)."""
+    tokens = (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
+    if tokens % ranks:
+        raise RowError(
+            f"{label}: height/width: {height}x{width} makes {tokens} transformer tokens a frame "
+            f"((height/16) x (width/16)), which --gpus-per-video {ranks} does not divide; choose a size where it "
+            "does (544x960 and 720x1280 do for 2, 4 and 8)"
+        )
+
+
+def split_width(height: int, width: int, ranks: int) -> int:
+    """A width fitted to an image, narrowed to the nearest that `check_split` allows (a multiple of 16 x ranks)."""
+    try:
+        check_split(height, width, ranks, "")
+    except RowError:
+        step = SPATIAL_MULTIPLE * ranks
+        return max(step, width // step * step)
+    return width
+
+
 def plan_for(params: RenderParams) -> VideoPlan:
     return plan_video(
         num_frames=params.num_frames,

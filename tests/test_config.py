@@ -86,6 +86,7 @@ NON_DEFAULT = {
     "--offload": ["model"],
     "--compile": [],
     "--attention-backend": ["_native_math"],
+    "--gpus-per-video": ["2"],
 }
 
 

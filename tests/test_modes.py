@@ -312,7 +312,7 @@ def test_lora_changes_the_video_scale_0_does_not_and_it_is_loaded_once(lora_dir,
     np.testing.assert_array_equal(off, plain)
     np.testing.assert_array_equal(after, plain)  # a LoRA row leaves nothing behind
     np.testing.assert_array_equal(file_uri, styled)
-    assert list(stage.adapters) == [lora_dir, f"{lora_dir}/pytorch_lora_weights.safetensors"]
+    assert list(stage.denoiser.adapters) == [lora_dir, f"{lora_dir}/pytorch_lora_weights.safetensors"]
     assert stage.pipeline.get_list_adapters() == {"transformer": ["lora0", "lora1"]}
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from skyreels_batch.models import ModelCard
-from skyreels_batch.schema import RowError, plan_for, resolve, row_label
+from skyreels_batch.schema import RowError, check_split, plan_for, resolve, row_label
 from skyreels_batch.stages import VALIDATED, table
 
 # What the driver plans a job by, for every manifest row: small enough to hold for a million rows.
@@ -38,10 +38,12 @@ class ValidateRows:
         *,
         max_frames: int,
         duplicate_ids: Collection[str] = (),
+        ranks: int = 1,
     ) -> None:
         self.card = card
         self.max_frames = max_frames
         self.duplicate_ids = frozenset(duplicate_ids)
+        self.ranks = ranks  # --gpus-per-video
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table([self.validate(raw) for raw in batch.to_pylist()], VALIDATED)
@@ -53,6 +55,8 @@ class ValidateRows:
             return {"id": shown_id, "error": f"{row_label(raw)}: id: appears more than once in the manifest"}
         try:
             params = resolve(raw, self.card, max_frames=self.max_frames)
+            if params.height is not None:  # rows sized by their image are fitted to the split when rendered
+                check_split(params.height, params.width, self.ranks, row_label(raw))
         except RowError as error:
             return {"id": shown_id, "error": str(error)}
         plan = plan_for(params)

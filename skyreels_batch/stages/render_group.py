@@ -1,0 +1,38 @@
+"""The render stage with several ranks per video (`--gpus-per-video N`): each actor holds one render group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.util.placement_group import placement_group
+
+from skyreels_batch.groups import end_worker, rank_actor
+from skyreels_batch.stages.render import RenderVideos
+
+
+class RenderGroup:
+    """The render stage with N ranks (a Ray Data actor): it holds a placement group of N bundles packed on one node
+    and the group's rank 0, a RenderVideos actor in the first bundle, and hands each row to it.
+
+    The placement group is named after this actor, so a restarted one (same actor, new process) finds it again.
+    Nothing removes a placement group when the actor that made it dies, so the driver removes those left behind
+    (`PlacementSweeper`). A lost rank ends rank 0 (groups are rebuilt whole), and rank 0's end ends this actor: its
+    row is a lost row, retried by the next pass from its segments."""
+
+    def __init__(self, *, placements: str, bundle: dict[str, float], ranks: int, **render_args: Any) -> None:
+        name = f"{placements}-{ray.get_runtime_context().get_actor_id()}"
+        try:
+            group = ray.util.get_placement_group(name)
+        except ValueError:
+            group = placement_group([bundle] * ranks, strategy="STRICT_PACK", name=name)
+        ray.get(group.ready())
+        self.rank0 = rank_actor(RenderVideos, group, 0, bundle).remote(**render_args, ranks=ranks, rank_bundle=bundle)
+        ray.get(self.rank0.__ray_ready__.remote())  # a group that cannot start fails this actor's start with why
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return ray.get(self.rank0.render.remote(batch))
+        except ray.exceptions.RayActorError as error:
+            end_worker(f"rank 0 is gone: {error}")
