@@ -161,8 +161,8 @@ class OtherRank:
 
 
 class RankGroup:
-    """Rank 0's side of its render worker: its own denoiser and the other ranks, driven call by call. With one
-    rank it is the denoiser alone, with nothing in between."""
+    """Rank 0's side of a render group: its own denoiser and the other ranks, driven call by call, with the
+    denoiser's `begin` and `denoise` (a worker of one rank uses its denoiser alone)."""
 
     def __init__(self, denoiser: SegmentDenoiser, others: list[Any]) -> None:
         self.denoiser = denoiser
@@ -184,8 +184,6 @@ class RankGroup:
         """Load rank 0's pipeline; with more ranks, start the others in this worker's placement group (each loads its
         own pipeline meanwhile) and join them."""
         denoiser_args = dict(card=card, output=output, device=device, options=options)
-        if ranks == 1:
-            return cls(SegmentDenoiser(**denoiser_args, model_load=model_load), [])
         group = get_current_placement_group()
         others = [
             rank_actor(OtherRank, group, rank, bundle).remote(**denoiser_args, torch_threads=torch_threads)
@@ -216,16 +214,13 @@ class RankGroup:
         collective, and the group stays usable."""
         started = [other.begin.remote(params.model_dump_json(), previous, generator_state) for other in self.others]
         video = self.denoiser.begin(params, conditioning, previous, generator_state)
-        if started:
-            try:
-                ray.get(started)
-            except ray.exceptions.RayActorError as error:
-                end_worker(f"a rank died as the video started: {error}")
+        try:
+            ray.get(started)
+        except ray.exceptions.RayActorError as error:
+            end_worker(f"a rank died as the video started: {error}")
         return video
 
     def denoise(self, index: int) -> torch.Tensor:
-        if not self.others:
-            return self.denoiser.denoise(index)
         done = [other.denoise.remote(index) for other in self.others]
         watcher = _end_worker_if_any_fails(done, f"in segment {index}")
         try:

@@ -10,8 +10,8 @@ import pyarrow as pa
 
 from skyreels_batch.config import PipelineOptions
 from skyreels_batch.control import may_start, model_loaded, render_ended, segments_done
+from skyreels_batch.denoiser import SegmentDenoiser
 from skyreels_batch.diffusion_forcing import StreamingDecoder
-from skyreels_batch.groups import RankGroup
 from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import ModelLoad
 from skyreels_batch.schema import RenderParams, plan_for
@@ -56,20 +56,30 @@ class RenderVideos(TorchRowStage):
         self.output = output
         self.control = control
         self.model_load = ModelLoad("render")
-        self.group = self.start_torch(
-            lambda: RankGroup.start(
-                card,
-                output=output,
-                device=device,
-                options=options,
-                torch_threads=torch_threads,
-                ranks=ranks,
-                bundle=rank_bundle or {},
-                model_load=self.model_load,
-            ),
-            torch_threads,
-        )
-        self.denoiser = self.group.denoiser  # rank 0's
+        if ranks == 1:
+            self.denoiser = self.group = self.start_torch(
+                lambda: SegmentDenoiser(
+                    card, output=output, device=device, options=options, model_load=self.model_load
+                ),
+                torch_threads,
+            )
+        else:
+            from skyreels_batch.groups import RankGroup  # Ray, for a group only: the GPU bench renders without it
+
+            self.group = self.start_torch(
+                lambda: RankGroup.start(
+                    card,
+                    output=output,
+                    device=device,
+                    options=options,
+                    torch_threads=torch_threads,
+                    ranks=ranks,
+                    bundle=rank_bundle or {},
+                    model_load=self.model_load,
+                ),
+                torch_threads,
+            )
+            self.denoiser = self.group.denoiser  # rank 0's
         self.pipeline = self.denoiser.pipeline
         model_loaded(control, self.model_load)
         self.transformer_timer = ForwardTimer(self.pipeline.transformer)
