@@ -122,13 +122,17 @@ def rank_actor(cls: type, group: PlacementGroup, rank: int, bundle: dict[str, fl
     )
 
 
-def join_ranks(rank: int, ranks: int, store: dist.TCPStore, device: str) -> None:
-    """Join this process to its render group's torch.distributed group. On GPUs every rank sees the group's GPUs in
-    rank order (Ray shows an actor only its own), so NCCL can use the links between them, and uses GPU `rank`."""
+def share_gpus(rank: int, ranks: int, store: dist.TCPStore, device: str) -> None:
+    """On GPUs, before CUDA starts in this process: see the group's GPUs in rank order (Ray shows an actor only its
+    own), so NCCL can use the links between them, and use GPU `rank`."""
     if device == "cuda":
         store.set(f"gpu/{rank}", ",".join(str(gpu) for gpu in ray.get_gpu_ids()))
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(store.get(f"gpu/{other}").decode() for other in range(ranks))
         torch.cuda.set_device(rank)
+
+
+def join_ranks(rank: int, ranks: int, store: dist.TCPStore, device: str) -> None:
+    """Join this process to its render group's torch.distributed group."""
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=ranks, timeout=JOIN_TIMEOUT)
 
@@ -137,19 +141,29 @@ class OtherRank:
     """Rank 1..N-1 of a render group (a Ray actor): the same denoising calls as rank 0, nothing persisted."""
 
     def __init__(
-        self, card: ModelCard, *, output: str, device: str, options: PipelineOptions | None, torch_threads: int
+        self,
+        card: ModelCard,
+        *,
+        output: str,
+        device: str,
+        options: PipelineOptions | None,
+        torch_threads: int,
+        rank: int,
+        ranks: int,
+        store_address: tuple[str, int],
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.device = device
+        self.rank, self.ranks, self.device = rank, ranks, device
+        host, port = store_address
+        self.store = dist.TCPStore(host, port, ranks, is_master=False, timeout=JOIN_TIMEOUT)
+        share_gpus(rank, ranks, self.store, device)
         self.denoiser = SegmentDenoiser(
             card, output=output, device=device, options=options, model_load=ModelLoad("render")
         )
 
-    def join(self, rank: int, ranks: int, store_address: tuple[str, int]) -> None:
-        host, port = store_address
-        store = dist.TCPStore(host, port, ranks, is_master=False, timeout=JOIN_TIMEOUT)
-        join_ranks(rank, ranks, store, self.device)
-        self.denoiser.split(ranks)
+    def join(self) -> None:
+        join_ranks(self.rank, self.ranks, self.store, self.device)
+        self.denoiser.split(self.ranks)
 
     def begin(self, params_json: str, previous: torch.Tensor | None, generator_state: torch.Tensor | None) -> None:
         params, conditioning = self.denoiser.prepare(RenderParams.model_validate_json(params_json))
@@ -181,23 +195,25 @@ class RankGroup:
         bundle: dict[str, float],
         model_load: ModelLoad,
     ) -> RankGroup:
-        """Load rank 0's pipeline; with more ranks, start the others in this worker's placement group (each loads its
-        own pipeline meanwhile) and join them."""
+        """Start the other ranks in this worker's placement group, load rank 0's pipeline while they load theirs, and
+        join them."""
         denoiser_args = dict(card=card, output=output, device=device, options=options)
+        host = ray.util.get_node_ip_address()
+        store = dist.TCPStore(host, 0, ranks, is_master=True, wait_for_workers=False, timeout=JOIN_TIMEOUT)
         group = get_current_placement_group()
         others = [
-            rank_actor(OtherRank, group, rank, bundle).remote(**denoiser_args, torch_threads=torch_threads)
+            rank_actor(OtherRank, group, rank, bundle).remote(
+                **denoiser_args, torch_threads=torch_threads, rank=rank, ranks=ranks, store_address=(host, store.port)
+            )
             for rank in range(1, ranks)
         ]
+        share_gpus(0, ranks, store, device)
         denoiser = SegmentDenoiser(**denoiser_args, model_load=model_load)  # while the others load theirs
         # Before any rank joins, so that a bad --gpus-per-video or a rank that cannot load fails the job's start
         # (this constructor's error) instead of a restart that would meet it again.
         check_heads(denoiser.pipeline.transformer, ranks)
         ray.get([other.__ray_ready__.remote() for other in others])
-        host = ray.util.get_node_ip_address()
-        store = dist.TCPStore(host, 0, ranks, is_master=True, wait_for_workers=False, timeout=JOIN_TIMEOUT)
-        joined = [other.join.remote(rank, ranks, (host, store.port)) for rank, other in enumerate(others, start=1)]
-        watcher = _end_worker_if_any_fails(joined, "while the group formed")
+        watcher = _end_worker_if_any_fails([other.join.remote() for other in others], "while the group formed")
         join_ranks(0, ranks, store, device)
         denoiser.split(ranks)
         watcher.join()

@@ -262,10 +262,15 @@ def check_size(height: int, width: int, card: ModelCard, label: str) -> None:
         )
 
 
+def frame_tokens(height: int, width: int) -> int:
+    """Transformer tokens per latent frame: the VAE's 8x and the patch's 2x, both ways."""
+    return (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
+
+
 def check_split(height: int, width: int, ranks: int, label: str) -> None:
     """A video split over `ranks` (--gpus-per-video) gives every rank the same number of transformer tokens: each
-    frame's, (height/16) x (width/16), must divide by it (diffusers' Ulysses attention splits evenly)."""
-    tokens = (height // SPATIAL_MULTIPLE) * (width // SPATIAL_MULTIPLE)
+    frame's must divide by it (diffusers' Ulysses attention splits evenly)."""
+    tokens = frame_tokens(height, width)
     if tokens % ranks:
         raise RowError(
             f"{label}: height/width: {height}x{width} makes {tokens} transformer tokens a frame "
@@ -275,13 +280,11 @@ def check_split(height: int, width: int, ranks: int, label: str) -> None:
 
 
 def split_width(height: int, width: int, ranks: int) -> int:
-    """A width fitted to an image, narrowed to the nearest that `check_split` allows (a multiple of 16 x ranks)."""
-    try:
-        check_split(height, width, ranks, "")
-    except RowError:
-        step = SPATIAL_MULTIPLE * ranks
-        return max(step, width // step * step)
-    return width
+    """A width fitted to an image, narrowed if need be to one that `check_split` allows (a multiple of 16 x ranks)."""
+    if frame_tokens(height, width) % ranks == 0:
+        return width
+    step = SPATIAL_MULTIPLE * ranks
+    return max(step, width // step * step)
 
 
 def plan_for(params: RenderParams) -> VideoPlan:
