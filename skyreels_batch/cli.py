@@ -11,7 +11,7 @@ import json
 import sys
 
 from skyreels_batch.checkpoints import CheckpointError
-from skyreels_batch.config import JobConfig, PipelineOptions
+from skyreels_batch.config import JobConfig, JobRefused, PipelineOptions
 from skyreels_batch.manifest import ManifestError
 from skyreels_batch.models import UnknownModelError
 from skyreels_batch.schema import manifest_columns
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_workers,
         default=(1, None),
         metavar="MIN:MAX",
-        help="render actor pool size: N, MIN:MAX or MIN:auto (default 1:auto = one per GPU, or 1 without GPUs)",
+        help="render actor pool size: N, MIN:MAX or MIN:auto (default 1:auto = one per GPU the cluster can have, now "
+        "and once its autoscaler adds nodes; 1 without GPUs)",
     )
     parser.add_argument(
         "--text-workers",
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=["auto", "cuda", "cpu"],
         default="auto",
-        help="where render actors run (default: cuda when the cluster has GPUs)",
+        help="where render actors run (default: cuda when the cluster has GPUs or its autoscaler can add nodes with "
+        "them; the job's first line says what it decided and why)",
     )
     parser.add_argument(
         "--manifest-order",
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(config)
         summary = run_job(config, log=lambda line: print(line, flush=True), stop=StopRequest(on_signals=True))
-    except (UnknownModelError, CheckpointError, ManifestError) as error:
+    except (UnknownModelError, CheckpointError, ManifestError, JobRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
     already = f" ({summary.skipped:,} already done)" if summary.skipped else ""

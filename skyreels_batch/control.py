@@ -9,6 +9,7 @@ job (the tests, bench/gpu.py on a machine without Ray).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -150,9 +151,17 @@ def render_ended(control: ActorHandle | None, video_id: str) -> None:
 
 
 def model_loaded(control: ActorHandle | None, load: ModelLoad) -> None:
-    """Report an actor's model load with the node it happened on."""
+    """Report an actor's model load with where it happened: its node, the GPU ids Ray assigned it and the GPUs its
+    process sees (a render group's ranks see the group's)."""
     if control is not None:
-        _get(control.model_loaded.remote({**dataclasses.asdict(load), "node": node_id()}))
+        import ray
+
+        where = {
+            "node": node_id(),
+            "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+        _get(control.model_loaded.remote({**dataclasses.asdict(load), **where}))
 
 
 def stopping(control: ActorHandle | None) -> bool:

@@ -18,10 +18,15 @@ Sequence parallelism (`enable_sequence_parallel`, for `--gpus-per-video`) is dif
 plan of our own: the SkyReels-V2 transformer has none, and Wan's, which otherwise fits it, splits the
 diffusion-forcing timestep per frame, so a window's latent frames would have to divide by the ranks (25 do not
 divide by 2). tests/test_sequence_parallel.py pins it to one process's latents.
+
+Whether an attention backend takes a mask (`takes_attention_mask`) is asked of the backend's own function: every
+backend's signature has `attn_mask`, and those that cannot use one (flash, _flash_3, sage, ...) refuse it only when
+called, which without this check happens on a GPU after a model load.
 """
 
 from __future__ import annotations
 
+import warnings
 from copy import deepcopy
 from unittest import mock
 
@@ -190,6 +195,25 @@ def enable_sequence_parallel(transformer: SkyReelsV2Transformer3DModel, ranks: i
     count = max(1, torch.accelerator.device_count())
     with mock.patch.object(torch.accelerator, "device_count", lambda: count):
         transformer.enable_parallelism(config=config, cp_plan=sequence_parallel_plan(len(transformer.blocks)))
+
+
+def takes_attention_mask(backend: str) -> bool:
+    """Whether diffusers' attention backend `backend` takes the mask the transformer builds for asynchronous rows
+    (`causal_block_size` > 1: a boolean [1, 1, L, L]). The backend is called with a tiny one on the CPU: those that
+    take no mask refuse it before any kernel runs; any other failure (no kernel here) is not about the mask."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    function = _AttentionBackendRegistry._backends[AttentionBackendName(backend)]
+    tokens = torch.zeros(1, 4, 1, 8)
+    try:
+        with warnings.catch_warnings():  # flex attention warns that it is not compiled
+            warnings.simplefilter("ignore")
+            function(query=tokens, key=tokens, value=tokens, attn_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    except ValueError as error:
+        return "mask" not in str(error).lower()
+    except Exception:  # noqa: BLE001 - a missing kernel or device, not the mask
+        return True
+    return True
 
 
 def check_heads(transformer: SkyReelsV2Transformer3DModel, ranks: int) -> None:

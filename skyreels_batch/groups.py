@@ -31,7 +31,8 @@ import torch.distributed as dist
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from skyreels_batch.config import PipelineOptions, Resources
+from skyreels_batch.config import PipelineOptions
+from skyreels_batch.control import model_loaded
 from skyreels_batch.denoiser import SegmentDenoiser, Video
 from skyreels_batch.diffusion_forcing import check_heads
 from skyreels_batch.models import ModelCard
@@ -41,14 +42,6 @@ from skyreels_batch.schema import RenderParams
 logger = logging.getLogger(__name__)
 # How long a rank waits for the others to join (model loads included) before giving up.
 JOIN_TIMEOUT = timedelta(minutes=30)
-
-
-def rank_bundle(resources: Resources) -> dict[str, float]:
-    """What one rank asks for: what a render actor asks for with one rank."""
-    bundle = {"CPU": resources.render_num_cpus, **resources.render_resources}
-    if resources.render_num_gpus:
-        bundle["GPU"] = resources.render_num_gpus
-    return bundle
 
 
 class PlacementSweeper:
@@ -122,12 +115,14 @@ def rank_actor(cls: type, group: PlacementGroup, rank: int, bundle: dict[str, fl
     )
 
 
-def share_gpus(rank: int, ranks: int, store: dist.TCPStore, device: str) -> None:
-    """On GPUs, before CUDA starts in this process: see the group's GPUs in rank order (Ray shows an actor only its
-    own), so NCCL can use the links between them, and use GPU `rank`."""
-    if device == "cuda":
+def share_gpus(rank: int, ranks: int, store: dist.TCPStore, *, on_gpus: bool, device: str) -> None:
+    """On GPUs (`on_gpus`: the ranks were placed on Ray's GPUs), before CUDA starts in this process: see the group's
+    GPUs in rank order (Ray shows an actor only its own), so NCCL can use the links between them, and use GPU
+    `rank`. With simulated GPUs the ids are shared the same way and torch stays on the CPU (`device`)."""
+    if on_gpus:
         store.set(f"gpu/{rank}", ",".join(str(gpu) for gpu in ray.get_gpu_ids()))
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(store.get(f"gpu/{other}").decode() for other in range(ranks))
+    if device == "cuda":
         torch.cuda.set_device(rank)
 
 
@@ -151,15 +146,17 @@ class OtherRank:
         rank: int,
         ranks: int,
         store_address: tuple[str, int],
+        on_gpus: bool,
+        control: Any = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
         self.rank, self.ranks, self.device = rank, ranks, device
         host, port = store_address
         self.store = dist.TCPStore(host, port, ranks, is_master=False, timeout=JOIN_TIMEOUT)
-        share_gpus(rank, ranks, self.store, device)
-        self.denoiser = SegmentDenoiser(
-            card, output=output, device=device, options=options, model_load=ModelLoad("render")
-        )
+        share_gpus(rank, ranks, self.store, on_gpus=on_gpus, device=device)
+        load = ModelLoad("render", rank=rank)
+        self.denoiser = SegmentDenoiser(card, output=output, device=device, options=options, model_load=load)
+        model_loaded(control, load)
 
     def join(self) -> None:
         join_ranks(self.rank, self.ranks, self.store, self.device)
@@ -194,6 +191,7 @@ class RankGroup:
         ranks: int,
         bundle: dict[str, float],
         model_load: ModelLoad,
+        control: Any = None,
     ) -> RankGroup:
         """Start the other ranks in this worker's placement group, load rank 0's pipeline while they load theirs, and
         join them."""
@@ -201,13 +199,20 @@ class RankGroup:
         host = ray.util.get_node_ip_address()
         store = dist.TCPStore(host, 0, ranks, is_master=True, wait_for_workers=False, timeout=JOIN_TIMEOUT)
         group = get_current_placement_group()
+        on_gpus = bool(bundle.get("GPU"))
         others = [
             rank_actor(OtherRank, group, rank, bundle).remote(
-                **denoiser_args, torch_threads=torch_threads, rank=rank, ranks=ranks, store_address=(host, store.port)
+                **denoiser_args,
+                torch_threads=torch_threads,
+                rank=rank,
+                ranks=ranks,
+                store_address=(host, store.port),
+                on_gpus=on_gpus,
+                control=control,
             )
             for rank in range(1, ranks)
         ]
-        share_gpus(0, ranks, store, device)
+        share_gpus(0, ranks, store, on_gpus=on_gpus, device=device)
         denoiser = SegmentDenoiser(**denoiser_args, model_load=model_load)  # while the others load theirs
         # Before any rank joins, so that a bad --gpus-per-video or a rank that cannot load fails the job's start
         # (this constructor's error) instead of a restart that would meet it again.

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from skyreels_batch import storage
 from skyreels_batch.checkpoints import CheckpointError, check_checkpoint, check_hub_cache, is_remote
+from skyreels_batch.config import JobRefused
 
 REGISTRY_PATH = Path(__file__).resolve().parent.parent / "model" / "registry.yaml"
 # Written next to an exported embedded model so `--model DIR` keeps that model's card (defaults, limits).
@@ -114,6 +115,36 @@ def card_for(model: str) -> ModelCard:
         f"unknown model {model!r}: not in the registry (python -m skyreels_batch.models list), "
         "not a diffusers directory with model_index.json and not a URL"
     )
+
+
+def attention_heads(card: ModelCard) -> int | None:
+    """The transformer's attention heads, from its config (as loaded: embedded spec, local or object-storage
+    directory, the HuggingFace cache or the Hub); None where it cannot be read without loading the model."""
+    if card.embedded is not None:
+        return card.embedded["transformer"]["num_attention_heads"]
+    try:
+        if card.path is not None:
+            config = (Path(card.path) / "transformer" / "config.json").read_bytes()
+        elif card.uri is not None:
+            config = storage.read_bytes(storage.join(card.uri, "transformer/config.json"))
+        else:
+            from huggingface_hub import hf_hub_download  # cached, or a 1 kB download (HF_HUB_OFFLINE: cached only)
+
+            config = Path(hf_hub_download(card.name, "transformer/config.json")).read_bytes()
+    except Exception:  # noqa: BLE001 - unreadable here: the render group checks it when it loads the model
+        return None
+    return json.loads(config).get("num_attention_heads")
+
+
+def check_ranks(card: ModelCard, ranks: int) -> None:
+    """At the door: with --gpus-per-video N each rank attends with an equal share of the heads (SkyReels-V2 1.3B has
+    12, 14B 40), so N must divide them."""
+    heads = attention_heads(card) if ranks > 1 else None
+    if heads is not None and heads % ranks:
+        raise JobRefused(
+            f"--gpus-per-video {ranks} does not divide {card.name}'s {heads} attention heads (each rank attends with "
+            "an equal share of them)"
+        )
 
 
 def _registry_card(card: ModelCard) -> ModelCard:

@@ -13,16 +13,25 @@ import ray
 from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy, DataContext, Dataset, TaskPoolStrategy
 
-from skyreels_batch import storage
+from skyreels_batch import cluster, storage
+from skyreels_batch.cluster import Capacity, PlacementWatch, read_capacity, resources_text
 from skyreels_batch.collect import Collector, StopRequest
-from skyreels_batch.config import JobConfig, PipelineOptions, Resources, plan_resources
+from skyreels_batch.config import (
+    JobConfig,
+    PipelineOptions,
+    Resources,
+    check_placeable,
+    plan_resources,
+    simulated_gpus,
+)
 from skyreels_batch.control import on_driver_node, start_job_control
 from skyreels_batch.dataset import write_dataset_metadata
+from skyreels_batch.diffusion_forcing import takes_attention_mask
 from skyreels_batch.embeddings import embeddings_dir
 from skyreels_batch.gallery import Gallery
-from skyreels_batch.groups import PlacementSweeper, rank_bundle, remove_placements
+from skyreels_batch.groups import PlacementSweeper, remove_placements
 from skyreels_batch.manifest import Manifest, open_manifest, read_batches
-from skyreels_batch.models import ModelCard, card_for
+from skyreels_batch.models import ModelCard, card_for, check_ranks
 from skyreels_batch.progress import Progress
 from skyreels_batch.results import ResultsIndex, records_dir, results_dir
 from skyreels_batch.segments import segments_dir
@@ -63,21 +72,22 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
     """Render every row of the manifest. Raises UnknownModelError / ManifestError before any Ray work when the
     invocation itself is unusable. Attaches to Ray if it is not initialised (inside a Ray job: the cluster)."""
     card = card_for(config.model)
+    check_ranks(card, config.gpus_per_video)
     output = storage.normalize(config.output)
     manifest = open_manifest(config.manifest)
     if not ray.is_initialized():
         ray.init()
+    capacity = read_capacity()
+    resources = plan_resources(config, capacity, rows=manifest.num_rows, simulated=simulated_gpus())
+    check_placeable(resources, capacity)
+    log(resources.decision)
     stop = stop or StopRequest()
     stop.listen()
     # Ray Data's progress bars redraw a line in place, which the job's own progress lines would cut into.
     DataContext.get_current().enable_progress_bars = False
-    resources = plan_resources(config, ray.cluster_resources())
     if manifest.unknown_columns:
         log(f"ignoring manifest columns the schema does not know: {', '.join(manifest.unknown_columns)}")
-    log(
-        f"rendering {manifest.num_rows:,} rows of {config.manifest} with {card.name} on {resources.device}, "
-        f"{resources.min_workers}-{resources.max_workers} render actors -> {output}"
-    )
+    log(f"rendering {manifest.num_rows:,} rows of {config.manifest} with {card.name} -> {output}")
 
     # Folds in what a killed run left (its parts, the records of its last videos); keeps the gallery in step.
     index = ResultsIndex(output, gallery=Gallery(output))
@@ -95,7 +105,10 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
     placements = f"render-{index.run}"  # render groups' placement groups (--gpus-per-video)
     try:
         progress = Progress(
-            total_videos=work.rows.num_rows, total_segments=pc.sum(work.rows["num_segments"]).as_py() or 0, log=log
+            total_videos=work.rows.num_rows,
+            total_segments=pc.sum(work.rows["num_segments"]).as_py() or 0,
+            log=log,
+            note=placement_watch(resources, capacity, placements).note,
         )
         collector = Collector(
             index=index,
@@ -120,7 +133,7 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
     finally:
         ray.kill(control)
     committed_unseen = index.close()  # a stopped run's last videos: committed, their rows not yet back
-    index.record_run({"run": index.run, "model": card.name, "model_loads": loads})
+    index.record_run({"run": index.run, "model": card.name, "resources": resources.model_dump(), "model_loads": loads})
     if loads:
         log(f"model loads: {describe_loads(loads)}")
     storage.remove_empty_dir(records_dir(output))
@@ -157,9 +170,7 @@ def plan_work(
     """Validate and plan every row (fused into the read tasks), then decide on the driver what to render and in
     which order: rows that failed go to the index, rows an earlier run finished for the same request are skipped,
     the rest are ordered by work, the longest first (`--manifest-order` keeps the manifest's order)."""
-    planner = PlanRows(
-        card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids, ranks=config.gpus_per_video
-    )
+    planner = PlanRows(card, **_validation(config), duplicate_ids=manifest.duplicate_ids)
     planned = rows.map_batches(planner, batch_size=None, batch_format="pyarrow", num_cpus=resources.read_num_cpus)
     batches = list(planned.iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(batches) if batches else _empty_plan(manifest)
@@ -194,7 +205,7 @@ def admit_rows(
         num_cpus=resources.read_num_cpus,
         label_selector=on_driver_node(),
     )
-    validator = ValidateRows(card, max_frames=config.max_frames, ranks=config.gpus_per_video)
+    validator = ValidateRows(card, **_validation(config))
     validated = source.map_batches(validator, **one_at_a_time)
     return validated.map_batches(AdmitRows(control), **one_at_a_time)
 
@@ -211,7 +222,9 @@ def encode_prompts(
         rows,
         EncodePrompts,
         # One torch thread: on CPU the encoder works beside the render actors, on their cores.
-        dict(card=card, output=output, device=resources.device, options=options, torch_threads=1, control=control),
+        dict(
+            card=card, output=output, device=resources.torch_device, options=options, torch_threads=1, control=control
+        ),
         # One row at a time per encoder: two encoder tasks that finish within one round of Ray Data's scheduler may
         # leave in either order (seen: manifest order broken once in a few runs), which would undo the work list's.
         pool=ActorPoolStrategy(min_size=1, max_size=resources.text_workers, max_tasks_in_flight_per_actor=1),
@@ -234,13 +247,13 @@ def render_videos(
     render_args = dict(
         card=card,
         output=output,
-        device=resources.device,
+        device=resources.torch_device,
         options=options,
         torch_threads=resources.torch_threads,
         control=control,
     )
     if resources.ranks > 1:
-        group_args = dict(placements=placements, bundle=rank_bundle(resources), ranks=resources.ranks)
+        group_args = dict(placements=placements, bundle=resources.render_bundle, ranks=resources.ranks)
         return on_actor_pool(
             rows,
             RenderGroup,
@@ -342,10 +355,9 @@ def remove_finished_segments(output: str, finished: pa.Table) -> None:
 def plan_job(config: JobConfig) -> Iterator[dict]:
     """--dry-run: each row's segment plan (or its error) and then the totals, without Ray or a GPU."""
     card = card_for(config.model)
+    check_ranks(card, config.gpus_per_video)
     manifest = open_manifest(config.manifest)
-    planner = PlanRows(
-        card, max_frames=config.max_frames, duplicate_ids=manifest.duplicate_ids, ranks=config.gpus_per_video
-    )
+    planner = PlanRows(card, **_validation(config), duplicate_ids=manifest.duplicate_ids)
     videos = segments = cost = failed = 0
     for batch in read_batches(manifest):
         for raw in batch.to_pylist():
@@ -359,6 +371,22 @@ def plan_job(config: JobConfig) -> Iterator[dict]:
             yield {**plan.as_json(row["id"]), **_wall_cost(plan.cost, config.gpus_per_video)}
     total = {"videos": videos, "segments": segments, "cost": cost, "failed": failed}
     yield {"total": {**total, **_wall_cost(cost, config.gpus_per_video)}}
+
+
+def _validation(config: JobConfig) -> dict:
+    """What row validation needs of the job config, beside the model card."""
+    backend = config.pipeline.attention_backend
+    maskless = backend if backend is not None and not takes_attention_mask(backend) else None
+    return dict(max_frames=config.max_frames, ranks=config.gpus_per_video, maskless_backend=maskless)
+
+
+def placement_watch(resources: Resources, capacity: Capacity, placements: str) -> PlacementWatch:
+    """Watches the render pass's actors (render groups: their placement groups) until they are placed."""
+    render = {"render groups": f"{resources.ranks} x {resources_text(resources.render_bundle)} on one node"}
+    if resources.ranks == 1:
+        render = {"RenderVideos": resources_text(resources.render_bundle)}
+    asks = {**render, "EncodePrompts": resources_text(resources.text_bundle)}
+    return PlacementWatch(capacity, asks, placements=placements, notice_after_s=cluster.NOTICE_AFTER_S)
 
 
 def _wall_cost(cost: int, ranks: int) -> dict:

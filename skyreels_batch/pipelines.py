@@ -30,6 +30,7 @@ class ModelLoad:
     the device."""
 
     stage: str  # "render" or "text"
+    rank: int = 0  # a render group's rank (--gpus-per-video)
     fetch_s: float = 0.0
     fetched_files: int = 0
     read_s: float = 0.0

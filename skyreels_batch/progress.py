@@ -25,8 +25,10 @@ class Progress:
         total_segments: int,
         log: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        note: Callable[[], str | None] | None = None,
     ) -> None:
         self.total_videos = total_videos
+        self.note = note  # something the job waits on (actors not placed), appended to the line when there is
         self.total_segments = total_segments
         self.log = log
         self.clock = clock
@@ -55,7 +57,8 @@ class Progress:
 
     def report(self) -> None:
         self.last_report = self.clock()
-        line = self.line()
+        note = self.note() if self.note is not None else None
+        line = f"{self.line()}; {note}" if note else self.line()
         if line != self.last_line:
             self.last_line = line
             self.log(line)
@@ -70,14 +73,14 @@ class Progress:
         elapsed, segments_in_window = now - start, self.segments - start_segments
         if elapsed <= 0 or segments_in_window <= 0:
             return counts if videos >= self.total_videos else f"{counts}, ETA unknown"
-        rate = f"{(videos - start_videos) * 3600 / elapsed:,.0f} videos/h over {_duration(elapsed)}"
+        rate = f"{(videos - start_videos) * 3600 / elapsed:,.0f} videos/h over {duration(elapsed)}"
         if videos >= self.total_videos:
             return f"{counts}, {rate}"
         seconds_left = (self.total_segments - self.segments) * elapsed / segments_in_window
-        return f"{counts}, {rate}, ETA {_duration(seconds_left)}"
+        return f"{counts}, {rate}, ETA {duration(seconds_left)}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     if minutes < 1:
         return f"{max(0, round(seconds))}s"

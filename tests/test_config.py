@@ -7,11 +7,16 @@ import argparse
 import pytest
 
 from skyreels_batch.cli import build_parser, job_config, parse_resource, parse_workers
+from skyreels_batch.cluster import Capacity
 from skyreels_batch.config import JobConfig, PipelineOptions, plan_resources
+
+TWO_CPUS = Capacity(nodes=({"CPU": 2.0},))
+EIGHT_GPUS = Capacity(nodes=({"CPU": 64.0, "GPU": 8.0},))
+ONE_GPU = Capacity(nodes=({"CPU": 8.0, "GPU": 1.0},))
 
 
 def test_cpu_cluster_gets_fractional_cpus_leaving_room_for_reads() -> None:
-    resources = plan_resources(JobConfig(manifest="m", min_workers=2, max_workers=2), {"CPU": 2.0})
+    resources = plan_resources(JobConfig(manifest="m", min_workers=2, max_workers=2), TWO_CPUS)
     assert resources.device == "cpu"
     assert resources.render_num_gpus == 0
     # Two actors and a read task must fit on two cores at once; so must the render pass's three pools.
@@ -21,18 +26,18 @@ def test_cpu_cluster_gets_fractional_cpus_leaving_room_for_reads() -> None:
 
 
 def test_single_cpu_actor_uses_every_core_for_torch() -> None:
-    resources = plan_resources(JobConfig(manifest="m"), {"CPU": 2.0})
+    resources = plan_resources(JobConfig(manifest="m"), TWO_CPUS)
     assert (resources.min_workers, resources.max_workers, resources.torch_threads) == (1, 1, 2)
     assert resources.render_num_cpus < 2.0
 
 
 def test_gpu_cluster_gets_one_gpu_per_actor_and_one_actor_per_gpu_by_default() -> None:
-    resources = plan_resources(JobConfig(manifest="m"), {"CPU": 64.0, "GPU": 8.0})
+    resources = plan_resources(JobConfig(manifest="m"), EIGHT_GPUS)
     assert resources.device == "cuda"
     # A render actor per GPU, and a text encoder fits beside one: on a one-GPU node neither waits for the other.
     assert 0.5 < resources.render_num_gpus < 1 and resources.render_num_gpus + resources.text_num_gpus == 1
     assert (resources.min_workers, resources.max_workers) == (1, 8)
-    pinned = plan_resources(JobConfig(manifest="m", min_workers=2, max_workers=16), {"CPU": 64.0, "GPU": 8.0})
+    pinned = plan_resources(JobConfig(manifest="m", min_workers=2, max_workers=16), EIGHT_GPUS)
     assert (pinned.min_workers, pinned.max_workers) == (2, 16)
 
 
@@ -50,8 +55,8 @@ def test_workers_flag_rejects_nonsense(text: str) -> None:
 def test_render_resources_reach_the_render_pool_on_cpu_and_gpu_clusters() -> None:
     assert parse_resource("render=2") == ("render", 2.0) and parse_resource("render") == ("render", 1.0)
     config = JobConfig(manifest="m", render_resources={"render": 1.0})
-    assert plan_resources(config, {"CPU": 2.0}).render_resources == {"render": 1.0}
-    assert plan_resources(config, {"CPU": 8.0, "GPU": 1.0}).render_resources == {"render": 1.0}
+    assert plan_resources(config, TWO_CPUS).render_resources == {"render": 1.0}
+    assert plan_resources(config, ONE_GPU).render_resources == {"render": 1.0}
 
 
 def test_pipeline_flags_reach_the_job_config_and_bad_values_are_refused(capsys: pytest.CaptureFixture) -> None:
@@ -98,5 +103,5 @@ def test_every_flag_reaches_the_job_config() -> None:
     default = job_config(parser.parse_args(["m.parquet"]))
     for flag, values in NON_DEFAULT.items():
         assert job_config(parser.parse_args(["m.parquet", flag, *values])) != default, f"{flag} changes nothing"
-    two = plan_resources(job_config(parser.parse_args(["m.parquet", "--text-workers", "2"])), {"CPU": 2.0})
-    assert two.text_workers == 2 and plan_resources(default, {"CPU": 2.0}).text_workers == 1
+    two = plan_resources(job_config(parser.parse_args(["m.parquet", "--text-workers", "2"])), TWO_CPUS)
+    assert two.text_workers == 2 and plan_resources(default, TWO_CPUS).text_workers == 1

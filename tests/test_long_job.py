@@ -49,9 +49,9 @@ SHORT = {"id": "short", "prompt": "a candle flame", "num_frames": 9, "height": 3
 SHORTS = [{**SHORT, "id": f"short-{number}", "seed": number, "num_inference_steps": 2} for number in range(3)]
 # The job's own stdout lines; Ray's go to stderr.
 OWN_LINE = re.compile(
-    r"(rendering [\d,]+ rows of |videos [\d,]+/[\d,]+ |stopping: |results index: |model loads: |stopped: [\d,]+ rows "
-    r"left; run the "
-    r"same command to resume$|[\d,]+ done(?: \([\d,]+ already done\))?, [\d,]+ failed of [\d,]+$|skipping )"
+    r"((?:cuda|cpu): .*; render (?:actors|groups of) |rendering [\d,]+ rows of |videos [\d,]+/[\d,]+ |stopping: "
+    r"|results index: |model loads: |stopped: [\d,]+ rows left; run the same command to resume$"
+    r"|[\d,]+ done(?: \([\d,]+ already done\))?, [\d,]+ failed of [\d,]+$|skipping )"
 )
 
 

@@ -15,6 +15,7 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
+from skyreels_batch.cluster import Capacity
 from skyreels_batch.config import JobConfig, plan_resources
 from skyreels_batch.diffusion_forcing import check_heads
 from skyreels_batch.embedded import materialize
@@ -156,10 +157,10 @@ def test_split_checks_and_resources() -> None:
     check_heads(transformer, 2)  # the embedded model has 2 heads
     with pytest.raises(ValueError, match="--gpus-per-video 4 does not divide the transformer's 2 attention heads"):
         check_heads(transformer, 4)
-    cpu = plan_resources(JobConfig(manifest="m", gpus_per_video=2), {"CPU": 2.0})
+    cpu = plan_resources(JobConfig(manifest="m", gpus_per_video=2), Capacity(nodes=({"CPU": 2.0},)))
     assert (cpu.ranks, cpu.max_workers, cpu.torch_threads) == (2, 1, 1)
     assert cpu.render_num_cpus * cpu.ranks <= 0.75 * 2
-    gpu = plan_resources(JobConfig(manifest="m", gpus_per_video=4), {"CPU": 64.0, "GPU": 8.0})
+    gpu = plan_resources(JobConfig(manifest="m", gpus_per_video=4), Capacity(nodes=({"CPU": 64.0, "GPU": 8.0},)))
     assert (gpu.ranks, gpu.max_workers, gpu.device) == (4, 2, "cuda")  # two groups of four on eight GPUs
 
 

@@ -76,6 +76,7 @@ class RenderVideos(TorchRowStage):
                     ranks=ranks,
                     bundle=rank_bundle or {},
                     model_load=self.model_load,
+                    control=control,
                 ),
                 torch_threads,
             )

@@ -39,11 +39,13 @@ class ValidateRows:
         max_frames: int,
         duplicate_ids: Collection[str] = (),
         ranks: int = 1,
+        maskless_backend: str | None = None,
     ) -> None:
         self.card = card
         self.max_frames = max_frames
         self.duplicate_ids = frozenset(duplicate_ids)
         self.ranks = ranks  # --gpus-per-video
+        self.maskless_backend = maskless_backend  # --attention-backend, when it takes no attention mask
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table([self.validate(raw) for raw in batch.to_pylist()], VALIDATED)
@@ -57,6 +59,12 @@ class ValidateRows:
             params = resolve(raw, self.card, max_frames=self.max_frames)
             if params.height is not None:  # rows sized by their image are fitted to the split when rendered
                 check_split(params.height, params.width, self.ranks, row_label(raw))
+            if self.maskless_backend and params.causal_block_size > 1:
+                raise RowError(
+                    f"{row_label(raw)}: causal_block_size: {params.causal_block_size} makes the transformer attend "
+                    f"with a mask, which --attention-backend {self.maskless_backend} does not take; use "
+                    "causal_block_size 1, or a backend that takes a mask (native, flex, ...)"
+                )
         except RowError as error:
             return {"id": shown_id, "error": str(error)}
         plan = plan_for(params)
