@@ -22,6 +22,7 @@ from ray.data import Dataset
 
 from skyreels_batch.progress import Progress
 from skyreels_batch.results import ResultsIndex, result_row
+from skyreels_batch.segments import SegmentStore
 
 POLL_S = 0.5
 DRAIN_S = 5.0  # once no video is rendering, how long a stopping pass may take to hand back its queued rows
@@ -146,13 +147,15 @@ class Collector:
         return returned
 
     def _record(self, rows: list[dict[str, Any]], counted: list[int]) -> None:
-        """Rows that ended (done or failed), with the segments progress counted for each."""
+        """Rows that ended (done or failed), with the segments progress counted for each. A failed row is failed
+        for good in this run: its segments go (150-330 MB each at 540P-720P), and the next run starts it afresh."""
         results = [result_row(row) for row in rows]
         self.index.add(results)
         for row, result, segments in zip(rows, results, counted, strict=True):
             unrendered = (row.get("num_segments") or 0) - segments if result["error"] else 0
             self.progress.video_finished(result["status"], unrendered_segments=unrendered)
             if result["error"]:
+                SegmentStore(self.index.output, result["id"]).remove()
                 self.outcome.failed += 1
                 self.log(f"failed: {result['error']}")
             else:

@@ -1,6 +1,7 @@
 """The job's control actor, shared by the driver and the stages: segment progress, the stop flag, how many rows may
-enter a render pass (admission), and where each row in flight is (so that a stopping driver knows when the
-segments in flight have landed, and a row lost in a pass is reported with the stage that lost it).
+enter a render pass (admission), where each row in flight is (so that a stopping driver knows when the segments in
+flight have landed, and a row lost in a pass is reported with the stage that lost it), and which prompt embeddings
+the rows in flight still need (`_embeddings/` holds only those).
 
 Ray is imported where it is used: the stages call these helpers with no control actor when they run outside a
 job (the tests, bench/gpu.py on a machine without Ray).
@@ -11,7 +12,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from skyreels_batch import storage
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -19,36 +24,71 @@ if TYPE_CHECKING:
     from skyreels_batch.pipelines import ModelLoad
 
 ADMIT_POLL_S = 0.2
-# A row that waited this long for a render actor no longer counts against the window: it was lost with a node (the
-# next pass retries it) or the videos ahead of it are that long. Either way a larger window is harmless.
-WAITING_EXPIRES_S = 30 * 60.0
+# While the window is full, how often admission asks Ray which nodes are alive: a row held on a node that is gone
+# (in a text encoder, or encoded and queued for a render actor) was lost with it and stops counting.
+NODE_CHECK_S = 5.0
 
 
 class JobControl:
-    """Run as a Ray actor (start_job_control)."""
+    """Run as a Ray actor (start_job_control). `alive_nodes` returns the ids of the cluster's alive nodes."""
 
-    def __init__(self, window: int, waiting_expires_s: float = WAITING_EXPIRES_S) -> None:
+    def __init__(self, window: int, alive_nodes: Callable[[], set[str]] | None = None) -> None:
         self.window = window
-        self.waiting_expires_s = waiting_expires_s
+        self.alive_nodes = alive_nodes or _alive_nodes
+        self.nodes_checked = float("-inf")
         self.segments = 0
         self.stopping = False
-        self.waiting: dict[str, float] = {}  # handed out to a pass, no render actor has started it yet
+        # Handed out to this pass, no render actor has started it yet: the node that holds it once a text encoder
+        # took it (None before: on the driver's node). A row counts until it starts rendering or is lost.
+        self.waiting: dict[str, str | None] = {}
         self.rendering: set[str] = set()  # started by a render actor
         self.rendered: set[str] = set()  # the render actor is done with it: at the writer, or on its way back
         self.counted: dict[str, int] = {}  # segments counted per video, until it is back at the driver
         self.loads: list[dict] = []  # each actor's model load (pipelines.ModelLoad), for the run's metadata
+        self.needs: dict[str, list[str]] = {}  # the embedding files each admitted row needs, until it is rendered
+        self.references: Counter[str] = Counter()  # rows that need each embedding file
 
-    def admit(self, video_id: str) -> bool | None:
-        """Whether a pass may hand out this row now: None while `window` rows wait for a render actor (ask again),
-        False once the job is stopping."""
+    def admit(self, video_id: str, embeddings: list[str] | tuple[str, ...] = ()) -> bool | None:
+        """Whether a pass may hand out this row, which needs these embedding files: None while `window` rows wait
+        for a render actor (ask again), False once the job is stopping."""
         if self.stopping:
             return False
-        now = time.monotonic()
-        self.waiting = {key: since for key, since in self.waiting.items() if now - since < self.waiting_expires_s}
-        if len(self.waiting) >= self.window:
-            return None
-        self.waiting[video_id] = now
+        if len(self.waiting) >= self.window and video_id not in self.waiting:
+            self._forget_lost()
+            if len(self.waiting) >= self.window:
+                return None
+        self.waiting[video_id] = None
+        if video_id not in self.needs:
+            self.needs[video_id] = list(embeddings)
+            self.references.update(embeddings)
         return True
+
+    def held(self, video_id: str, node: str) -> None:
+        """A text encoder on `node` took the row: from here until a render actor starts it, it lives on that node."""
+        if video_id in self.waiting:
+            self.waiting[video_id] = node
+
+    def pass_started(self) -> None:
+        """Nothing of an earlier pass waits any more: its rows came back, or were lost and are in this pass."""
+        self.waiting.clear()
+
+    def _forget_lost(self) -> None:
+        now = time.monotonic()
+        if now - self.nodes_checked < NODE_CHECK_S:
+            return
+        self.nodes_checked = now
+        alive = self.alive_nodes()
+        self.waiting = {key: node for key, node in self.waiting.items() if node is None or node in alive}
+
+    def _release(self, video_id: str) -> None:
+        """The row needs its embeddings no more: remove the files no other row in flight needs."""
+        unneeded = []
+        for uri in self.needs.pop(video_id, []):
+            self.references[uri] -= 1
+            if self.references[uri] <= 0:
+                del self.references[uri]
+                unneeded.append(uri)
+        storage.remove_files(unneeded)
 
     def start_video(self, video_id: str) -> bool:
         """Whether a render actor may start this video (no, once the job is stopping)."""
@@ -68,6 +108,7 @@ class JobControl:
     def render_ended(self, video_id: str) -> None:
         self.rendering.discard(video_id)
         self.rendered.add(video_id)
+        self._release(video_id)
 
     def returned(self, video_ids: list[str]) -> list[int]:
         """Rows the driver got back from the pass; returns the segments counted for each."""
@@ -76,6 +117,7 @@ class JobControl:
             self.waiting.pop(video_id, None)
             self.rendering.discard(video_id)
             self.rendered.discard(video_id)
+            self._release(video_id)
             counted.append(self.counted.pop(video_id, 0))
         return counted
 
@@ -104,7 +146,7 @@ class JobControl:
         return self.segments, len(self.rendering) + len(self.rendered)
 
 
-def start_job_control(window: int, waiting_expires_s: float = WAITING_EXPIRES_S) -> ActorHandle:
+def start_job_control(window: int) -> ActorHandle:
     """On the driver's node: it must live as long as the job, not as long as a preemptible worker node (a counter
     lost with a node took the whole job down with it)."""
     import ray
@@ -112,7 +154,7 @@ def start_job_control(window: int, waiting_expires_s: float = WAITING_EXPIRES_S)
 
     here = NodeAffinitySchedulingStrategy(node_id(), soft=False)
     actor = ray.remote(num_cpus=0)(JobControl).options(scheduling_strategy=here)
-    return actor.remote(window, waiting_expires_s)
+    return actor.remote(window)
 
 
 def node_id() -> str:
@@ -127,14 +169,21 @@ def on_driver_node() -> dict[str, str]:
     return {"ray.io/node-id": node_id()}
 
 
-def admit(control: ActorHandle | None, video_id: str) -> bool:
-    """Wait until the pass may hand out this row; False once the job is stopping."""
+def admit(control: ActorHandle | None, video_id: str, embeddings: list[str]) -> bool:
+    """Wait until the pass may hand out this row, which needs these embedding files; False once the job is
+    stopping."""
     while control is not None:
-        admitted = _get(control.admit.remote(video_id))
+        admitted = _get(control.admit.remote(video_id, embeddings))
         if admitted is not None:
             return admitted
         time.sleep(ADMIT_POLL_S)
     return True
+
+
+def held_here(control: ActorHandle | None, video_id: str) -> None:
+    """The row is in a stage on this node (a text encoder): lost with it if the node goes."""
+    if control is not None:
+        control.held.remote(video_id, node_id())  # no wait: admission reads it only once the window is full
 
 
 def may_start(control: ActorHandle | None, video_id: str) -> bool:
@@ -166,6 +215,12 @@ def model_loaded(control: ActorHandle | None, load: ModelLoad) -> None:
 
 def stopping(control: ActorHandle | None) -> bool:
     return control is not None and _get(control.is_stopping.remote())
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
 
 def _get(reference: object) -> object:

@@ -7,6 +7,7 @@ only rank 0 (the render stage) decodes, persists and reports.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import ModelLoad, load_pipeline, pipeline_kwargs, use_shift
 from skyreels_batch.plan import Segment, VideoPlan
 from skyreels_batch.schema import SPATIAL_MULTIPLE, RenderParams, check_size, check_split, plan_for, split_width
+
+# LoRA adapters a rank keeps loaded (a rank meets a new LoRA per style; over days, hundreds).
+MAX_ADAPTERS = 4
 
 
 @dataclass
@@ -52,7 +56,9 @@ class SegmentDenoiser:
         self.ranks = 1
         self.pipeline = load_pipeline(card, device, options, model_load)
         self.embeddings = EmbeddingStore(output, card.name)
-        self.adapters: dict[str, str] = {}  # LoRA URI -> adapter name: each LoRA is loaded once per rank
+        # LoRA URI -> adapter name, least recently used first: at most MAX_ADAPTERS stay loaded on a rank.
+        self.adapters: OrderedDict[str, str] = OrderedDict()
+        self.adapters_loaded = 0
         self.video: Video | None = None
 
     def split(self, ranks: int) -> None:
@@ -101,6 +107,10 @@ class SegmentDenoiser:
         self.video = Video(params, plan_for(params), conditioning, generator, previous)
         return self.video
 
+    def finish(self) -> None:
+        """Let go of the video: its conditioning (images, a clip's frames on the device) leaves with the row."""
+        self.video = None
+
     def denoise(self, index: int) -> torch.Tensor:
         """The latents of the video's segment `index` [1, C, window, h, w]; the video moves on past it."""
         video = self.video
@@ -147,15 +157,21 @@ class SegmentDenoiser:
         return positive, negative[0] if negative else None
 
     def _use_lora(self, params: RenderParams) -> None:
-        """The row's LoRA at its scale, switched with set_adapters; loaded the first time this rank meets it."""
+        """The row's LoRA at its scale, switched with set_adapters; loaded when this rank meets it and does not hold
+        it (the least recently used one leaves once MAX_ADAPTERS are loaded: memory stays flat over days)."""
         if params.lora is None or params.lora_scale == 0:
             if self.adapters:
                 self.pipeline.disable_lora()
             return
         if params.lora not in self.adapters:
-            name = f"lora{len(self.adapters)}"
+            if len(self.adapters) >= MAX_ADAPTERS:
+                _, oldest = self.adapters.popitem(last=False)
+                self.pipeline.delete_adapters([oldest])
+            name = f"lora{self.adapters_loaded}"
             self.pipeline.load_lora_weights(fetch_lora(params.lora), adapter_name=name)
             self.adapters[params.lora] = name
+            self.adapters_loaded += 1
+        self.adapters.move_to_end(params.lora)
         self.pipeline.enable_lora()
         self.pipeline.set_adapters([self.adapters[params.lora]], adapter_weights=[params.lora_scale])
 
@@ -166,7 +182,9 @@ class SegmentDenoiser:
         params = self._resolve_size(params, clip[0])
         size = (params.width, params.height)
         clip = [frame if frame.size == size else frame.resize(size, Image.Resampling.LANCZOS) for frame in clip]
-        tensor = self.pipeline.video_processor.preprocess_video(clip, height=params.height, width=params.width)
+        # diffusers encodes only the clip's last overlap_history frames: only those go to the device.
+        history = clip[-params.overlap_history :]
+        tensor = self.pipeline.video_processor.preprocess_video(history, height=params.height, width=params.width)
         frames = np.stack([np.asarray(frame) for frame in clip])
         return params, {"video": tensor.to(self.pipeline._execution_device, torch.float32), "clip_frames": frames}
 

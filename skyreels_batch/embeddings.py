@@ -37,9 +37,13 @@ def embeddings_dir(output: str) -> str:
 
 class EmbeddingStore:
     def __init__(self, output: str, model: str) -> None:
+        self.output = output
         self.root = embeddings_dir(output)
         self.model = model
         self.load = lru_cache(maxsize=CACHED_PER_ACTOR)(self._load)
+
+    def __reduce__(self) -> tuple:
+        return EmbeddingStore, (self.output, self.model)  # a fresh cache where it is unpickled
 
     def uri(self, text: str) -> str:
         key = hashlib.sha256(f"{self.model}\0{MAX_SEQUENCE_LENGTH}\0{text}".encode()).hexdigest()

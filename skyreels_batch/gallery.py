@@ -4,8 +4,9 @@ opened from local disk and served from the bucket.
 - **Assets** (`gallery_assets/`): the page, `gallery/app.js` and `gallery/style.css`, written beside the index.
 - **Data**: one script per results index file, `gallery/data/<file>.js`, holding that file's rows (the columns a
   card shows) as arrays; `gallery/files.js` lists them with a version each, so a browser never mixes a rewritten
-  shard with its cached copy. A run's parts never change, so while the run goes each refresh writes only the new
-  part's script; after a fold (a run's start and end) every shard's script is written again.
+  shard with its cached copy. A run's parts never change (a merge writes a new one), so while the run goes each
+  refresh writes only the new part's script; after a fold (a run's start and end) every shard's script is written
+  again.
 - The page loads the scripts with script tags (pages opened from disk may not `fetch`), filters in memory, and
   draws a page of cards at a time.
 """

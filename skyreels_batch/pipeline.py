@@ -27,13 +27,14 @@ from skyreels_batch.config import (
 from skyreels_batch.control import on_driver_node, start_job_control
 from skyreels_batch.dataset import write_dataset_metadata
 from skyreels_batch.diffusion_forcing import takes_attention_mask
-from skyreels_batch.embeddings import embeddings_dir
+from skyreels_batch.embeddings import EmbeddingStore, embeddings_dir
 from skyreels_batch.gallery import Gallery
 from skyreels_batch.groups import PlacementSweeper, remove_placements
+from skyreels_batch.lease import Lease
 from skyreels_batch.manifest import Manifest, open_manifest, read_batches
 from skyreels_batch.models import ModelCard, card_for, check_ranks
 from skyreels_batch.progress import Progress
-from skyreels_batch.results import ResultsIndex, records_dir, results_dir
+from skyreels_batch.results import ResultsIndex, new_run_id, records_dir, results_dir
 from skyreels_batch.segments import segments_dir
 from skyreels_batch.stages.admit import AdmitRows
 from skyreels_batch.stages.encode import EncodePrompts
@@ -83,76 +84,82 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
     log(resources.decision)
     stop = stop or StopRequest()
     stop.listen()
-    # Ray Data's progress bars redraw a line in place, which the job's own progress lines would cut into.
-    DataContext.get_current().enable_progress_bars = False
-    if manifest.unknown_columns:
-        log(f"ignoring manifest columns the schema does not know: {', '.join(manifest.unknown_columns)}")
-    log(f"rendering {manifest.num_rows:,} rows of {config.manifest} with {card.name} -> {output}")
+    run = new_run_id()
+    with Lease(output, run, log=log, on_lost=stop.request):  # one run per output: taken before anything is written
+        # Ray Data's progress bars redraw a line in place, which the job's own progress lines would cut into.
+        DataContext.get_current().enable_progress_bars = False
+        if manifest.unknown_columns:
+            log(f"ignoring manifest columns the schema does not know: {', '.join(manifest.unknown_columns)}")
+        log(f"rendering {manifest.num_rows:,} rows of {config.manifest} with {card.name} -> {output}")
 
-    # Folds in what a killed run left (its parts, the records of its last videos); keeps the gallery in step.
-    index = ResultsIndex(output, gallery=Gallery(output))
-    finished = index.finished()
-    work = plan_work(read_manifest(manifest, resources), card, config, manifest, finished, resources)
-    index.retract(pa.concat_arrays([work.failed["id"].combine_chunks(), work.rows["id"].combine_chunks()]))
-    index.add(_failed_rows(work.failed))
-    index.flush()
-    remove_finished_segments(output, finished)
-    if work.skipped:
-        log(f"skipping {work.skipped:,} rows already done in {output}")
+        # Folds in what a killed run left (its parts, the records of its last videos); keeps the gallery in step.
+        index = ResultsIndex(output, gallery=Gallery(output), run=run)
+        finished = index.finished()
+        work = plan_work(read_manifest(manifest, resources), card, config, manifest, finished, resources)
+        index.retract(pa.concat_arrays([work.failed["id"].combine_chunks(), work.rows["id"].combine_chunks()]))
+        index.add(_failed_rows(work.failed))
+        index.flush()
+        remove_finished_segments(output, finished)
+        storage.remove_tree(embeddings_dir(output))  # a killed run's: no row is in flight now
+        if work.skipped:
+            log(f"skipping {work.skipped:,} rows already done in {output}")
 
-    # Rows waiting for a render actor: enough that none idles, few enough that the pass holds no backlog.
-    control = start_job_control(window=2 * resources.max_workers + 2)
-    placements = f"render-{index.run}"  # render groups' placement groups (--gpus-per-video)
-    try:
-        progress = Progress(
-            total_videos=work.rows.num_rows,
-            total_segments=pc.sum(work.rows["num_segments"]).as_py() or 0,
-            log=log,
-            note=placement_watch(resources, capacity, placements).note,
+        # Rows waiting for a render actor: enough that none idles, few enough that the pass holds no backlog.
+        control = start_job_control(window=2 * resources.max_workers + 2)
+        placements = f"render-{index.run}"  # render groups' placement groups (--gpus-per-video)
+        try:
+            progress = Progress(
+                total_videos=work.rows.num_rows,
+                total_segments=pc.sum(work.rows["num_segments"]).as_py() or 0,
+                log=log,
+                note=placement_watch(resources, capacity, placements).note,
+            )
+            collector = Collector(
+                index=index,
+                progress=progress,
+                control=control,
+                stop=stop,
+                index_interval_s=config.index_interval_s,
+                stop_grace_s=config.stop_grace_s,
+                log=log,
+            )
+
+            def render_pass(rows: pa.Table) -> Dataset:
+                remove_placements(placements)  # the last pass's: its workers are gone
+                ray.get(control.pass_started.remote())
+                admitted = admit_rows(rows, card, config, resources, control)
+                encoded = encode_prompts(admitted, card, output, resources, config.pipeline, control)
+                rendered = render_videos(encoded, card, output, resources, config.pipeline, control, placements)
+                return write_videos(rendered, output, config, resources)
+
+            with PlacementSweeper(placements):
+                outcome = collector.run(work.rows, render_pass, config.max_retries)
+            loads = ray.get(control.model_loads.remote())
+        finally:
+            ray.kill(control)
+        committed_unseen = index.close()  # a stopped run's last videos: committed, their rows not yet back
+        index.record_run(
+            {"run": index.run, "model": card.name, "resources": resources.model_dump(), "model_loads": loads}
         )
-        collector = Collector(
-            index=index,
-            progress=progress,
-            control=control,
-            stop=stop,
-            index_interval_s=config.index_interval_s,
-            stop_grace_s=config.stop_grace_s,
-            log=log,
+        if loads:
+            log(f"model loads: {describe_loads(loads)}")
+        storage.remove_empty_dir(records_dir(output))
+        if not outcome.stopped:
+            storage.remove_empty_dir(segments_dir(output))
+        storage.remove_tree(embeddings_dir(output))  # what rows left in flight needed: cheap to make again
+        write_dataset_metadata(output, index.files())
+        log(f"results index: {results_dir(output)}; gallery: {storage.join(output, 'index.html')}")
+        failed = outcome.failed + work.failed.num_rows
+        done = outcome.done + committed_unseen + work.skipped
+        left = manifest.num_rows - done - failed
+        return JobSummary(
+            total=manifest.num_rows,
+            done=done,
+            failed=failed,
+            skipped=work.skipped,
+            left=left,
+            stopped=outcome.stopped and left > 0,  # a signal after the last row came back stops nothing
         )
-
-        def render_pass(rows: pa.Table) -> Dataset:
-            remove_placements(placements)  # the last pass's: its workers are gone
-            admitted = admit_rows(rows, card, config, resources, control)
-            encoded = encode_prompts(admitted, card, output, resources, config.pipeline, control)
-            rendered = render_videos(encoded, card, output, resources, config.pipeline, control, placements)
-            return write_videos(rendered, output, config, resources)
-
-        with PlacementSweeper(placements):
-            outcome = collector.run(work.rows, render_pass, config.max_retries)
-        loads = ray.get(control.model_loads.remote())
-    finally:
-        ray.kill(control)
-    committed_unseen = index.close()  # a stopped run's last videos: committed, their rows not yet back
-    index.record_run({"run": index.run, "model": card.name, "resources": resources.model_dump(), "model_loads": loads})
-    if loads:
-        log(f"model loads: {describe_loads(loads)}")
-    storage.remove_empty_dir(records_dir(output))
-    if not outcome.stopped:
-        storage.remove_empty_dir(segments_dir(output))
-        storage.remove_tree(embeddings_dir(output))  # cheap to make again for a row that failed
-    write_dataset_metadata(output, index.files())
-    log(f"results index: {results_dir(output)}; gallery: {storage.join(output, 'index.html')}")
-    failed = outcome.failed + work.failed.num_rows
-    done = outcome.done + committed_unseen + work.skipped
-    left = manifest.num_rows - done - failed
-    return JobSummary(
-        total=manifest.num_rows,
-        done=done,
-        failed=failed,
-        skipped=work.skipped,
-        left=left,
-        stopped=outcome.stopped and left > 0,  # a signal after the last row came back stops nothing
-    )
 
 
 def read_manifest(manifest: Manifest, resources: Resources) -> Dataset:
@@ -207,7 +214,8 @@ def admit_rows(
     )
     validator = ValidateRows(card, **_validation(config))
     validated = source.map_batches(validator, **one_at_a_time)
-    return validated.map_batches(AdmitRows(control), **one_at_a_time)
+    admitter = AdmitRows(control, EmbeddingStore(storage.normalize(config.output), card.name))
+    return validated.map_batches(admitter, **one_at_a_time)
 
 
 def encode_prompts(

@@ -3,15 +3,19 @@
 - **Records.** The writer stage proves each video it commits: right after the MP4 it writes the video's index row
   as `<output>/_records/<id>.json`. An MP4 without a record is not trusted (the writer may have died between the
   two), and a record is only believed while its MP4 is there.
-- **During a run the index only grows.** Every few seconds the driver writes the rows that came back since the last
-  time (done, failed) as a new file, `results/part-<run>-<n>.parquet`, then deletes their records. Files are never
-  changed or deleted while the run goes on, so a reader (pandas, Ray Data, on S3 too: they take a file's size from
-  the listing, so a file replaced under them is a torn read) always reads whole files. No id is listed twice: rows
-  of ids the run writes again were taken out of the shards when it started.
+- **During a run** the driver writes, every few seconds, the rows that came back since the last time (done,
+  failed) as a new file, `results/part-<run>-<n>.parquet`, then deletes their records. Parts are merged as they
+  come, the newest into the one before while that one is at most twice its size (a binary counter): a run of days
+  keeps a handful of parts (at most log2 of its flushes, never more than MAX_PARTS: beyond, they are folded into the
+  shards), each row is rewritten a few times in all, and the shards are not touched until the run ends. A file is
+  written whole and never changed, so a reader (pandas, Ray Data, on S3 too: they take a file's size from the
+  listing, so a file replaced under them is a torn read) reads whole files; while two parts are merged it may see
+  the same row twice, which `read_index` keeps once. No id is listed twice otherwise: rows of ids the run writes
+  again were taken out of the shards when it started.
 - **Between runs the index is SHARDS Parquet files**, `results/shard-NN.parquet`; an id always lives in the shard
   its hash names. A run folds its parts into the shards when it ends (or stops), and a run that starts folds in
-  what a killed one left (its parts and records). Only during those folds, seconds long, can a reader see a row
-  twice (the same row: copied into its shard, its part not deleted yet) or find a file replaced under it;
+  what a killed one left (its parts and records). During those folds and merges, seconds long, a reader can see a
+  row twice (the same row: copied into its new file, the old one not deleted yet) or find a file replaced under it;
   `read_index` reads the index exactly at any moment. Beside them, `results/_runs/<run>.json` holds each run's metadata.
 - **The gallery** (gallery.py), when the index has one, is refreshed with it: at every flush, fold and retraction.
 """
@@ -71,6 +75,8 @@ PARAM_COLUMNS = ("prompt", "num_frames", "fps", "width", "height", "seed", "mode
 SHARDS = 64
 # Rows a fold holds at once (about 1 KB each, most of it `params`): a fold of more goes shard group by shard group.
 FOLD_ROWS = 200_000
+# Parts a run keeps at most (the binary counter keeps about log2 of its flushes: 15 after 32,000 flushes).
+MAX_PARTS = 16
 
 
 def results_dir(output: str) -> str:
@@ -98,6 +104,11 @@ def shard_of(video_id: str) -> int:
     return int.from_bytes(hashlib.sha256(video_id.encode()).digest()[:4], "big") % SHARDS
 
 
+def new_run_id() -> str:
+    """`20261205T234800-1a2b3c4d`: sorts by start time."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
 def result_row(row: dict[str, Any]) -> dict[str, Any]:
     """A row that left the writer stage -> its results index row: the index's columns the row carries, the
     resolved parameters broken out, and the status."""
@@ -116,6 +127,28 @@ def write_record(output: str, result: dict[str, Any]) -> None:
     storage.write_bytes_atomic(record_uri(output, result["id"]), text.encode())
 
 
+def committed(output: str, video_id: str, request_hash: str | None) -> dict[str, Any] | None:
+    """The row's record, when its video is committed for this same request and its MP4 is there; else None. A
+    writer task Ray retries after it committed, and a row lost on its way back to the driver and admitted again,
+    find it here: a commit is final. (Once the driver has the row back it flushes the record away, and never hands
+    that row out again.)"""
+    if request_hash is None:
+        return None
+    try:
+        record = read_record(record_uri(output, video_id))
+    except FileNotFoundError:
+        return None
+    if record.get("request_hash") != request_hash or not record.get("uri"):
+        return None
+    fs, path = storage.filesystem(record["uri"])
+    return record if fs.exists(path) else None
+
+
+def columns_of(record: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
+    """What a committed row's record says of a stage's output columns (its own `id`, no `error`)."""
+    return {name: record[name] for name in schema.names if name in record and name not in ("id", "error")}
+
+
 def read_record(uri: str) -> dict[str, Any]:
     row = json.loads(storage.read_bytes(uri))
     if row.get("render_started"):
@@ -127,11 +160,12 @@ class ResultsIndex:
     """The index of one output, for one run. Opening it folds in what earlier runs left outside the shards; `add`
     queues rows (thread-safe), `flush` writes them as a part, `close` folds the run's parts into the shards."""
 
-    def __init__(self, output: str, gallery: Gallery | None = None) -> None:
+    def __init__(self, output: str, gallery: Gallery | None = None, run: str | None = None) -> None:
         self.output = output
         self.gallery = gallery
-        self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-        self.parts: list[str] = []
+        self.run = run or new_run_id()
+        self.parts: list[tuple[str, int]] = []  # this run's parts, oldest first, and their rows
+        self.flushes = self.merges = 0
         self._pending: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._fold_records(self._unfolded_files())
@@ -148,12 +182,38 @@ class ResultsIndex:
             pending, self._pending = self._pending, {}
         if not pending:
             return 0
-        uri = storage.join(results_dir(self.output), f"part-{self.run}-{len(self.parts):06d}.parquet")
-        _write_table(uri, pa.Table.from_pylist(list(pending.values()), schema=RESULTS))
-        self.parts.append(uri)
+        self.flushes += 1
+        self.parts.append((self._part_uri(), len(pending)))
+        _write_table(self.parts[-1][0], pa.Table.from_pylist(list(pending.values()), schema=RESULTS))
         storage.remove_files([record_uri(self.output, video_id) for video_id in pending])
-        self._refresh_gallery(rewrite=False)
+        folded = self._merge_parts()
+        self._refresh_gallery(rewrite=folded)
         return len(pending)
+
+    def _part_uri(self, merged: bool = False) -> str:
+        # A merged part is named after its newest member, then `m<merge>` (after it in name order, before the next
+        # flush's): names keep sorting in the order the rows were written, and no file is ever written twice.
+        merge = f"m{self.merges:06d}" if merged else ""
+        return storage.join(results_dir(self.output), f"part-{self.run}-{self.flushes:06d}{merge}.parquet")
+
+    def _merge_parts(self) -> bool:
+        """Merge the newest part into the one before while that one is at most twice its size; beyond MAX_PARTS,
+        fold them all into the shards (returns whether it did)."""
+        while len(self.parts) >= 2 and self.parts[-2][1] <= 2 * self.parts[-1][1]:
+            (older, _), (newer, _) = self.parts[-2:]
+            latest = {}
+            for table in (_read_table(older), _read_table(newer)):  # the newer's rows win
+                latest.update((row["id"], row) for row in table.to_pylist())
+            self.merges += 1
+            uri = self._part_uri(merged=True)
+            _write_table(uri, pa.Table.from_pylist(list(latest.values()), schema=RESULTS))
+            storage.remove_files([older, newer])
+            self.parts[-2:] = [(uri, len(latest))]
+        if len(self.parts) <= MAX_PARTS:
+            return False
+        self._fold([uri for uri, _ in self.parts], [])
+        self.parts = []
+        return True
 
     def retract(self, video_ids: pa.Array) -> None:
         """Take these ids' rows out of the shards: the run writes them again (a row that failed, a changed request,
@@ -176,7 +236,7 @@ class ResultsIndex:
         """Fold this run's parts into the shards, and the records of videos its writers committed that the driver
         has not seen (a stopped run's last ones); returns how many such records there were."""
         self.flush()
-        folded = self._fold_records(self.parts)
+        folded = self._fold_records([uri for uri, _ in self.parts])
         self.parts = []
         self._refresh_gallery(rewrite=True, running=False)
         return folded
@@ -255,7 +315,7 @@ _SHARDS = frozenset(shard_name(shard) for shard in range(SHARDS))
 def read_index(output: str, attempts: int = 10) -> pd.DataFrame:
     """The index, one row per id, exact whenever it is read: during a fold, a row copied into its shard whose part
     is not deleted yet is kept once, and a part folded away between listing and reading sends the read back to the
-    listing. Outside folds a plain read (pandas, Ray Data) is exact too."""
+    listing. Outside folds and merges a plain read (pandas, Ray Data) is exact too."""
     for _ in range(attempts):
         files = storage.list_files(results_dir(output), ".parquet")
         files.sort(key=lambda uri: uri.rsplit("/", 1)[-1] not in _SHARDS)  # shards, then parts oldest first

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
+from pathlib import Path
 
+import pytest
 import ray
 
+from skyreels_batch import control as control_module
 from skyreels_batch.collect import StopRequest, lost_row_error
 from skyreels_batch.control import JobControl, admit, may_start, segments_done, start_job_control
 
@@ -19,7 +21,7 @@ def test_rows_are_admitted_while_fewer_than_the_window_wait_for_a_render_actor(r
         assert may_start(control, "a")  # a render actor took "a": one slot frees
         assert ray.get(control.admit.remote("c")) is True
         ray.get(control.returned.remote(["b"]))  # "b" came back without being rendered (it failed earlier)
-        assert admit(control, "d")
+        assert admit(control, "d", [])
         assert ray.get(control.state.remote()) == (0, 1), "no segment yet, one video rendering"
         assert segments_done(control, "a", 1) and ray.get(control.state.remote()) == (1, 1)
         ray.get(control.returned.remote(["a"]))
@@ -33,22 +35,54 @@ def test_once_stopping_nothing_is_admitted_started_or_continued(ray_local: None)
     try:
         assert may_start(control, "running")
         ray.get(control.stop.remote())
-        assert not admit(control, "next") and not may_start(control, "next")
+        assert not admit(control, "next", []) and not may_start(control, "next")
         assert not segments_done(control, "running", 1), "the video in flight stops after the segment it persisted"
         assert ray.get(control.state.remote()) == (1, 1), "the stopping driver still waits for 'running'"
     finally:
         ray.kill(control)
 
 
-def test_a_row_lost_while_waiting_stops_counting_against_the_window(ray_local: None) -> None:
-    control = start_job_control(window=1, waiting_expires_s=0.5)
-    try:
-        assert ray.get(control.admit.remote("lost-with-its-node")) is True
-        assert ray.get(control.admit.remote("next")) is None
-        time.sleep(0.6)
-        assert ray.get(control.admit.remote("next")) is True
-    finally:
-        ray.kill(control)
+def test_a_waiting_row_counts_until_it_renders_however_long_it_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(control_module.time, "monotonic", lambda: now[0])
+    control = JobControl(window=1, alive_nodes=lambda: {"node-a"})
+    assert control.admit("queued-behind-a-long-video") is True
+    now[0] += 6 * 3600.0  # the videos ahead of it take hours (14B, 720P)
+    assert control.admit("next") is None, "a row that waits still counts: the backlog does not grow"
+    control.start_video("queued-behind-a-long-video")
+    assert control.admit("next") is True
+
+
+def test_a_row_lost_with_its_node_or_its_pass_stops_counting() -> None:
+    alive = {"driver", "encoder-node"}
+    control = JobControl(window=2, alive_nodes=lambda: set(alive))
+    assert control.admit("queued") and control.admit("encoded")
+    control.held("encoded", "encoder-node")  # a text encoder took it: it now lives on that node
+    alive.discard("encoder-node")
+    assert control.admit("next") is True, "the row held on the lost node no longer counts"
+    assert control.admit("one-more") is None, "the row still on the driver's node does"
+    control.pass_started()  # the pass ended; its lost rows are in the next one
+    assert control.admit("one-more") is True
+
+
+def test_an_embedding_stays_while_a_row_in_flight_needs_it(tmp_path: Path) -> None:
+    files = {name: tmp_path / f"{name}.safetensors" for name in ("negative", "cat", "dog")}
+    for path in files.values():
+        path.write_bytes(b"embedding")
+    uri = {name: str(path) for name, path in files.items()}
+    control = JobControl(window=4, alive_nodes=set)
+    control.admit("a", [uri["cat"], uri["negative"]])
+    control.admit("b", [uri["dog"], uri["negative"]])
+    control.admit("c", [uri["cat"], uri["negative"]])
+    control.start_video("a")
+    control.render_ended("a")
+    assert all(path.exists() for path in files.values()), "b and c still need them"
+    control.admit("a", [uri["cat"], uri["negative"]])  # a lost row admitted again: counted once
+    control.returned(["a", "b"])  # b came back without rendering (it failed in the text encoder)
+    assert not files["dog"].exists() and files["cat"].exists() and files["negative"].exists()
+    control.start_video("c")
+    control.render_ended("c")
+    assert not any(path.exists() for path in files.values())
 
 
 def test_segments_are_counted_once_however_often_a_video_is_resumed() -> None:

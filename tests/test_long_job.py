@@ -22,11 +22,8 @@ import ray
 
 from skyreels_batch.collect import StopRequest
 from skyreels_batch.config import JobConfig
-from skyreels_batch.embeddings import EmbeddingStore, texts_for
-from skyreels_batch.models import card_for
 from skyreels_batch.pipeline import run_job
 from skyreels_batch.results import read_index
-from skyreels_batch.schema import resolve
 from tests.conftest import BUCKET, REPO, decode, write_manifest
 from tests.ray_head import stop_processes_under
 
@@ -167,11 +164,9 @@ def test_sigterm_stops_cleanly_and_the_same_command_finishes_every_row_once(ray_
     stopped = pd.read_parquet(output / "results")
     assert sorted(stopped.id) == [row["id"] for row in SHORTS] and set(stopped.status) == {"done"}
     shorts = {path.name: path.stat().st_mtime_ns for path in (output / "videos").glob("*.mp4")}
-    # The stopped job keeps the embeddings of the row it left, so the run that resumes it encodes nothing for it
-    # (an encoder finding a text stored encodes nothing: test_encode).
-    store = EmbeddingStore(str(output), "tiny-df")
-    left = resolve(LONG, card_for("tiny-df"), max_frames=1457)
-    assert all(Path(store.uri(text)).exists() for text in texts_for(left))
+    # A stopped job leaves no embeddings (the run that resumes encodes the row's few texts again): work folders
+    # hold only the rows in flight, and a stopped run has none.
+    assert not (output / "_embeddings").exists()
 
     lines = []
     summary = run_job(JobConfig(manifest=str(manifest), output=str(output)), log=lines.append)

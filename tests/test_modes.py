@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from skyreels_batch.embedded import materialize
 from skyreels_batch.inputs import crop_to_aspect
 from skyreels_batch.models import ModelCard, card_for
+from skyreels_batch.schema import RenderParams
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
@@ -353,3 +354,28 @@ def test_flf2v_on_i2v_checkpoints_without_a_last_frame_embedding_is_a_per_row_er
         row = {**ROW, "mode": "flf2v", "image": images["first"], "last_image": images["last"]}
         validated = ValidateRows(card_for(name), max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([row]))
         assert "use a diffusion-forcing checkpoint" in validated.to_pylist()[0]["error"]
+
+
+def test_a_v2v_row_holds_only_the_frames_it_conditions_on_and_lets_go_of_them(df_stage, tmp_path: Path) -> None:
+    row = {**V2V, "id": "v2v-memory", "video": write_clip(tmp_path / "clip.mp4", 6)}
+    validated = ValidateRows(card_for("tiny-df"), max_frames=1457, duplicate_ids=())(pa.Table.from_pylist([row]))
+    _, conditioning = df_stage.denoiser.prepare(RenderParams.model_validate_json(validated["params"][0].as_py()))
+    assert conditioning["video"].shape[2] == row["overlap_history"] and len(conditioning["clip_frames"]) == 21
+    assert df_stage(validated).to_pylist()[0]["error"] is None
+    assert df_stage.denoiser.video is None, "nothing of the row stays on the actor"
+
+
+def test_a_rank_keeps_the_most_recently_used_loras_and_a_reloaded_one_renders_the_same(
+    lora_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("skyreels_batch.denoiser.MAX_ADAPTERS", 1)
+    card = card_for("tiny-df")
+    stage = EncodeThenRender(card, output=str(tmp_path))
+    by_file = f"{lora_dir}/pytorch_lora_weights.safetensors"
+    first = render(stage, card, {**ROW, "id": "first", "lora": lora_dir, "lora_scale": 0.5})
+    render(stage, card, {**ROW, "id": "other", "lora": by_file})
+    assert list(stage.denoiser.adapters) == [by_file]
+    assert stage.pipeline.get_list_adapters() == {"transformer": ["lora1"]}, "the least recently used one left"
+    again = render(stage, card, {**ROW, "id": "again", "lora": lora_dir, "lora_scale": 0.5})
+    assert stage.pipeline.get_list_adapters() == {"transformer": ["lora2"]}
+    np.testing.assert_array_equal(again, first)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
+
+import tomllib
+from packaging.requirements import Requirement
 
 from tests.conftest import REPO
 
@@ -100,3 +104,18 @@ def test_the_results_index_table_is_the_index_schema() -> None:
     kinds = {"string": "string", "int64": "int", "double": "float", "timestamp[ms, tz=UTC]": "timestamp"}
     assert table == {field.name: kinds[str(field.type)] for field in RESULTS}
     assert list(table) == RESULTS.names
+
+
+def test_installs_use_the_constraints_the_suite_passed_with_within_pyprojects_bounds() -> None:
+    install = 'pip install torch==2.13.0 -c constraints.txt -e ".[test]"'
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    assert readme.count(install) == 2 and install in ci, "both README lines and CI install the same way"
+    pins = dict(
+        line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if not line.startswith("#")
+    )
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    bounds = {Requirement(text).name: Requirement(text).specifier for text in dependencies}
+    for name in ("ray", "diffusers", "torch"):
+        assert pins[name] in bounds[name], f"{name} {pins[name]} outside pyproject's {bounds[name]}"
+    for name in ("ray", "diffusers"):  # the libraries whose internals the project reaches: what CI tested
+        assert version(name) == pins[name], f"{name} {version(name)} installed, constraints.txt pins {pins[name]}"

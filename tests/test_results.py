@@ -140,8 +140,9 @@ def test_index_files_of_the_older_layout_are_folded_in_later_files_winning(tmp_p
 
 
 def test_readers_see_a_consistent_index_while_a_run_adds_to_it(output: str) -> None:
-    """pandas reads the index over and over while a run flushes rows into it: every read succeeds, holds each id at
-    most once, and never holds fewer rows than the read before it; no file is changed once written."""
+    """pandas reads the index over and over while a run flushes (and merges) parts: a read that succeeds holds each
+    id once, or one row twice while two parts are merged (a read may also find a merged part gone: it reads again);
+    read_index holds each id once and never fewer rows than the read before it; no file is changed once written."""
     run(output, [done(f"earlier-{number}", request="r0") for number in range(30)])  # shards from an earlier run
     index = ResultsIndex(output)
     index.retract(pa.array([f"earlier-{number}" for number in range(10)], pa.string()))  # rendered again
@@ -162,7 +163,11 @@ def test_readers_see_a_consistent_index_while_a_run_adds_to_it(output: str) -> N
     fs, root = fsspec.core.url_to_fs(results_dir(output))
     while not finished.is_set():
         fs.invalidate_cache()
-        rows = read_plain(output)
+        try:
+            assert read_plain(output).drop_duplicates().id.is_unique
+        except FileNotFoundError:  # a part merged away between the listing and the read
+            pass
+        rows = read_index(output)
         assert rows.id.is_unique
         counts.append(len(rows))
         # Hidden names are a local write's staging file, which readers skip and which is gone once renamed.
@@ -213,3 +218,36 @@ def test_record_uri_is_beside_the_videos_not_inside_the_index(tmp_path: Path) ->
     output = str(tmp_path)
     assert record_uri(output, "clip.v2") == f"{output}/_records/clip.v2.json"
     assert not record_uri(output, "x").startswith(results_dir(output))
+
+
+def test_a_run_of_many_flushes_keeps_a_few_parts_and_leaves_the_shards_alone(tmp_path: Path) -> None:
+    output = str(tmp_path / "out")
+    earlier = ResultsIndex(output)
+    earlier.add([done(f"old-{number}") for number in range(200)])
+    earlier.close()
+    shards = {path: path.stat().st_mtime_ns for path in Path(results_dir(output)).glob("shard-*.parquet")}
+    index, parts_seen = ResultsIndex(output), []
+    for flush in range(300):  # 300 flushes: 75 minutes at the default --index-interval
+        index.add([done(f"new-{flush}-{number}") for number in range(3)] + [done("again", seed=flush)])
+        index.flush()
+        parts = sorted(Path(results_dir(output)).glob("part-*.parquet"))
+        parts_seen.append(len(parts))
+        if flush % 25 == 0:
+            exact = read_index(output)
+            assert len(exact) == 200 + 3 * (flush + 1) + 1 and exact.set_index("id").seed["again"] == flush
+    assert max(parts_seen) <= 9, parts_seen  # log2(300) + 1
+    assert {path: path.stat().st_mtime_ns for path in shards} == shards, "no shard rewritten during the run"
+    index.close()
+    assert len(read_plain(output)) == 200 + 900 + 1 and not list(Path(results_dir(output)).glob("part-*"))
+
+
+def test_beyond_max_parts_a_run_folds_its_parts_into_the_shards(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("skyreels_batch.results.MAX_PARTS", 1)
+    output = str(tmp_path / "out")
+    index = ResultsIndex(output)
+    index.add([done(f"big-{number}") for number in range(10)])
+    index.flush()
+    index.add([done("small")])
+    index.flush()  # 10 rows are more than twice 1: no merge, two parts, one too many
+    assert not list(Path(results_dir(output)).glob("part-*")) and list(Path(results_dir(output)).glob("shard-*"))
+    assert sorted(read_index(output).id) == sorted([f"big-{number}" for number in range(10)] + ["small"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,10 @@ import pytest
 import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
 
+from skyreels_batch import storage
 from skyreels_batch.embedded import materialize
 from skyreels_batch.models import card_for
+from skyreels_batch.results import record_uri
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
@@ -117,6 +121,7 @@ def test_a_row_whose_output_cannot_be_written_fails_alone(render_stage: RenderVi
 def rendered_frames(stage: RenderVideos, row: dict) -> np.ndarray:
     store = SegmentStore(stage.output, row["id"])
     store.remove()
+    storage.remove_files([record_uri(stage.output, row["id"])])  # a committed row is not rendered again
     count = stage(validated([row])).to_pylist()[0]["num_segments"]
     return np.stack(list(store.frames(count)))
 
@@ -127,3 +132,43 @@ def test_same_row_renders_identical_frames_twice(render_stage: RenderVideos) -> 
     other_seed = rendered_frames(render_stage, {**ROW, "seed": 12})
     np.testing.assert_array_equal(first, second)
     assert not np.array_equal(first, other_seed)
+
+
+def test_a_commit_is_final_for_a_writer_run_twice_and_for_a_process_killed_just_after_it(
+    render_stage: RenderVideos, tmp_path: Path
+) -> None:
+    row = {**ROW, "id": "committed", "num_frames": 41}
+    rendered = render_stage(validated([row]))
+    writer = WriteVideos(output=render_stage.output, crf=18, lossless=False)
+    first = writer(rendered).to_pylist()[0]
+    again = writer(rendered).to_pylist()[0]  # Ray retries the task: its segments are gone
+    assert first["error"] is None and again == first
+
+    # A writer process killed right after the record, before it removed the segments or returned the row.
+    other = {**row, "id": "killed-after-commit"}
+    rendered = render_stage(validated([other]))
+    batch = tmp_path / "rendered.arrow"
+    with pa.ipc.new_file(batch, rendered.schema) as file:
+        file.write_table(rendered)
+    script = (
+        "import os, sys, pyarrow as pa\n"
+        "from skyreels_batch.segments import SegmentStore\n"
+        "from skyreels_batch.stages.write import WriteVideos\n"
+        "SegmentStore.remove = lambda self: os._exit(9)\n"
+        "WriteVideos(output=sys.argv[2], crf=18, lossless=False)(pa.ipc.open_file(sys.argv[1]).read_all())\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(batch), render_stage.output], capture_output=True)
+    assert killed.returncode == 9, killed.stderr
+    segments = Path(SegmentStore(render_stage.output, other["id"]).root)
+    persisted = {path.name: path.stat().st_mtime_ns for path in segments.iterdir()}
+    # The row was lost on its way back; the next pass hands it out again: nothing is rendered or written again.
+    readmitted = render_stage(validated([other]))
+    assert {path.name: path.stat().st_mtime_ns for path in segments.iterdir()} == persisted, "not rendered again"
+    written = writer(readmitted).to_pylist()[0]
+    assert written["error"] is None and written["uri"].endswith("videos/killed-after-commit.mp4")
+    assert written["render_s"] == readmitted.to_pylist()[0]["render_s"] and not segments.exists()
+    frames, _ = decode(written["uri"])
+    assert frames.shape[0] == 41
+    # A changed request is not committed: it renders.
+    changed = render_stage(validated([{**other, "seed": 99}])).to_pylist()[0]
+    assert changed["error"] is None and changed["resumed_segments"] == 0 and segments.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.control import model_loaded, stopping
+from skyreels_batch.control import held_here, model_loaded, stopping
 from skyreels_batch.embeddings import EmbeddingStore, texts_for
 from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import ModelLoad, encode_text, load_text_encoder
@@ -41,17 +41,16 @@ class EncodePrompts(TorchRowStage):
         model_loaded(control, self.model_load)
         self.control = control
         self.store = EmbeddingStore(output, card.name)
-        self.stored: set[str] = set()  # texts this actor knows are stored: no storage lookup for them again
         self.encoded = 0  # texts this actor encoded
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         if stopping(self.control):
             return {"stopped": True}
+        held_here(self.control, params.id)
+        # Looked up every time (no memory of what is stored): the job control removes a file once no row in flight
+        # needs it, and the next row with that text is admitted, and so encodes it again, after that.
         for text in texts_for(params):
-            if text in self.stored:
-                continue
             if not self.store.has(text):
                 self.store.save(text, encode_text(self.pipeline, text))
                 self.encoded += 1
-            self.stored.add(text)
         return {}

@@ -14,6 +14,7 @@ from skyreels_batch.denoiser import SegmentDenoiser
 from skyreels_batch.diffusion_forcing import StreamingDecoder
 from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import ModelLoad
+from skyreels_batch.results import columns_of, committed
 from skyreels_batch.schema import RenderParams, plan_for
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import RENDERED, TorchRowStage
@@ -92,9 +93,13 @@ class RenderVideos(TorchRowStage):
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         if not may_start(self.control, params.id):
             return {"stopped": True}
+        record = committed(self.output, params.id, row.get("request_hash"))
         try:
+            if record is not None:  # lost on its way back to the driver after its commit: the writer returns it
+                return columns_of(record, RENDERED)
             return self._render(params)
         finally:
+            self.denoiser.finish()
             render_ended(self.control, params.id)
 
     def _render(self, params: RenderParams) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from skyreels_batch import storage
-from skyreels_batch.results import result_row, write_record
+from skyreels_batch.results import columns_of, committed, result_row, write_record
 from skyreels_batch.schema import RenderParams, plan_for
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import WRITTEN, RowStage
@@ -41,7 +41,8 @@ class WriteVideos(RowStage):
 
     Commits in this order: the MP4, its poster and sheet, then its record (results.py: the proof that it is done,
     and for which request), then the segments are removed. Killed between any two, the next run redoes at most the
-    MP4 and its pictures."""
+    MP4 and its pictures. A row whose record is there for the same request is committed already: it is returned as
+    committed (a task Ray retries, a row admitted again), never written or failed again."""
 
     output_schema = WRITTEN
     failure = "writing the MP4 failed"
@@ -53,8 +54,12 @@ class WriteVideos(RowStage):
         self.save_latents = save_latents
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
-        started = time.perf_counter()
         store = SegmentStore(self.output, params.id)
+        record = committed(self.output, params.id, row.get("request_hash"))
+        if record is not None:
+            store.remove()  # a writer killed between the record and this
+            return columns_of(record, WRITTEN)
+        started = time.perf_counter()
         count = row["num_segments"]
         with_clip = params.mode == "v2v"
         thumbnails = Thumbnails(*_frame_count_and_seams(params, store, with_clip))
