@@ -117,14 +117,19 @@ class Lease:
 
     def _renew(self) -> None:
         while not self.stopped.wait(HEARTBEAT_S):
-            holder = _read(self.uri)
-            ours = holder is not None and holder[0].run == self.owner.run
-            if not ours or not _write_heartbeat(self.uri, self._beat(), holder[1]):
+            try:
                 holder = _read(self.uri)
-                who = holder[0].describe(time.time()) if holder else "nobody"
-                self.log(f"lost the lease of {self.output} (now held by {who}): stopping")
-                self.on_lost()
-                return
+                ours = holder is not None and holder[0].run == self.owner.run
+                if ours and _write_heartbeat(self.uri, self._beat(), holder[1]):
+                    continue
+                holder = _read(self.uri)
+            except Exception as error:  # noqa: BLE001 - a store's hiccup: the next beat tries again
+                self.log(f"the lease's heartbeat failed (the next one tries again): {error}")
+                continue
+            who = holder[0].describe(time.time()) if holder else "nobody"
+            self.log(f"lost the lease of {self.output} (now held by {who}): stopping")
+            self.on_lost()
+            return
 
     def _beat(self) -> bytes:
         return self._text(heartbeat=time.time())
@@ -142,6 +147,8 @@ def _read(uri: str) -> tuple[Owner, str | None] | None:
         owner = Owner(**json.loads(fs.cat_file(path)))
     except FileNotFoundError:
         return None
+    except (ValueError, TypeError) as error:  # not a lease this version wrote: nobody can tell whether it is live
+        raise OutputTaken(f"{uri} is unreadable ({error}): remove it if no run uses this output") from None
     finally:
         fs.invalidate_cache(path)
     return owner, etag

@@ -134,3 +134,11 @@ def test_the_same_command_started_while_a_run_goes_on_exits_2_and_changes_nothin
     index = read_index(str(output))
     assert sorted(index.id) == [row["id"] for row in rows] and set(index.status) == {"done"}
     assert not (output / "_lease").exists()
+
+
+def test_an_unreadable_lease_is_refused_naming_the_file(output: str) -> None:
+    fs, path = fsspec.core.url_to_fs(lease_uri(output))
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe_file(path, b"not a lease")
+    with pytest.raises(OutputTaken, match=r"_lease is unreadable \(.*\): remove it if no run uses this output"):
+        Lease(output, "mine", log=print, on_lost=lambda: None).take()
