@@ -127,7 +127,7 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
             def render_pass(rows: pa.Table) -> Dataset:
                 remove_placements(placements)  # the last pass's: its workers are gone
                 ray.get(control.pass_started.remote())
-                admitted = admit_rows(rows, card, config, resources, control)
+                admitted = admit_rows(rows, card, config, output, resources, control)
                 encoded = encode_prompts(admitted, card, output, resources, config.pipeline, control)
                 rendered = render_videos(encoded, card, output, resources, config.pipeline, control, placements)
                 return write_videos(rendered, output, config, resources)
@@ -197,7 +197,7 @@ def plan_work(
 
 
 def admit_rows(
-    rows: pa.Table, card: ModelCard, config: JobConfig, resources: Resources, control: ActorHandle
+    rows: pa.Table, card: ModelCard, config: JobConfig, output: str, resources: Resources, control: ActorHandle
 ) -> Dataset:
     """The render pass's source: the rows to render in blocks of SOURCE_BLOCK_ROWS, resolved again, then handed out
     one row per block as the render pool takes them. One task at a time, on the driver's node: rows leave in the
@@ -214,7 +214,7 @@ def admit_rows(
     )
     validator = ValidateRows(card, **_validation(config))
     validated = source.map_batches(validator, **one_at_a_time)
-    admitter = AdmitRows(control, EmbeddingStore(storage.normalize(config.output), card.name))
+    admitter = AdmitRows(control, EmbeddingStore(output, card.name))
     return validated.map_batches(admitter, **one_at_a_time)
 
 
