@@ -6,20 +6,24 @@ with a log line: on the same host when its pid is gone (or is a newer process th
 heartbeat (renewed every HEARTBEAT_S) is older than STALE_AFTER_S.
 
 Taking it is a compare-and-swap, so two runs that find the output free (or the same stale lease) cannot both win:
-locally a hard link that fails if the lease exists (a stale one is first renamed away, which only one run can do);
-on S3 a conditional PUT (`If-None-Match: *` to create, `If-Match: <etag>` to take over a stale one). A store that
-offers neither gets a plain write, read back: the last writer owns it, the other sees so and exits 2.
+locally a hard link that fails if the lease exists, and a stale one is replaced only under an exclusive lock
+(`<output>/_lease.lock`, flock) after reading it again: still the version that was judged stale; on S3 a conditional
+PUT (`If-None-Match: *` to create, `If-Match: <etag>` to take over a stale one). A store that offers neither gets a
+plain write, read back: the last writer owns it, the other sees so and exits 2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import psutil
@@ -98,7 +102,7 @@ class Lease:
                     f"--output {self.output} is in use by {owner.describe(time.time())}: one run per output"
                 )
             self.log(f"taking over the lease of {self.output} from run {owner.run} (host {owner.host}): {why}")
-            won = _replace(self.uri, self._text(), etag)
+            won = _swap(self.uri, self._text(), etag)
         holder = _read(self.uri)
         if not won or holder is None or holder[0].run != self.owner.run:
             who = holder[0].describe(time.time()) if holder else "another run"
@@ -120,7 +124,7 @@ class Lease:
             try:
                 holder = _read(self.uri)
                 ours = holder is not None and holder[0].run == self.owner.run
-                if ours and _write_heartbeat(self.uri, self._beat(), holder[1]):
+                if ours and _swap(self.uri, self._beat(), holder[1]):
                     continue
                 holder = _read(self.uri)
             except Exception as error:  # noqa: BLE001 - a store's hiccup: the next beat tries again
@@ -140,11 +144,16 @@ class Lease:
 
 
 def _read(uri: str) -> tuple[Owner, str | None] | None:
-    """The lease's owner and its version (an S3 ETag), or None without a lease."""
+    """The lease's owner and its version (an S3 ETag; locally a hash of its bytes), or None without a lease."""
     fs, path = storage.filesystem(uri)
     try:
-        etag = None if storage.is_local(fs) else fs.info(path).get("ETag")
-        owner = Owner(**json.loads(fs.cat_file(path)))
+        if storage.is_local(fs):
+            text = fs.cat_file(path)
+            etag = _version(text)
+        else:
+            etag = fs.info(path).get("ETag")
+            text = fs.cat_file(path)
+        owner = Owner(**json.loads(text))
     except FileNotFoundError:
         return None
     except (ValueError, TypeError) as error:  # not a lease this version wrote: nobody can tell whether it is live
@@ -172,28 +181,38 @@ def _create(uri: str, text: bytes) -> bool:
     return _conditional_put(fs, path, text, {"mode": "create"})
 
 
-def _replace(uri: str, text: bytes, etag: str | None) -> bool:
-    """Replace the stale lease just read (version `etag`) with ours, only if nobody replaced it first."""
+def _swap(uri: str, text: bytes, etag: str | None) -> bool:
+    """Write the lease only if it is still the version read (`etag`): a stale one taken over, or our own renewed;
+    whether this call wrote it. Never a moment with no lease, in which a starting run could take it."""
     fs, path = storage.filesystem(uri)
-    if storage.is_local(fs):
-        aside = f"{path}.{uuid.uuid4().hex}.stale"
+    if not storage.is_local(fs):
+        return _conditional_put(fs, path, text, {"IfMatch": etag} if etag else {})
+    # Read again under the lock: a run that read the same stale lease and replaced it first changed its bytes.
+    # (Renaming the stale one away is no compare-and-swap: a slower run would rename away the winner's lease.)
+    with _locked(path):
         try:
-            os.rename(path, aside)  # of two runs taking over, one renames it away; the other finds it gone
+            with open(path, "rb") as file:
+                if _version(file.read()) != etag:
+                    return False
         except FileNotFoundError:
             return False
-        os.remove(aside)
-        return _create(uri, text)
-    return _conditional_put(fs, path, text, {"IfMatch": etag} if etag else {})
-
-
-def _write_heartbeat(uri: str, text: bytes, etag: str | None) -> bool:
-    """Write our lease over itself: on S3 only if it is still the version we read (`If-Match`); locally an atomic
-    replace (a rename-away would leave a moment with no lease, in which a starting run could take it)."""
-    fs, path = storage.filesystem(uri)
-    if storage.is_local(fs):
         storage.write_bytes_atomic(uri, text)
-        return True
-    return _conditional_put(fs, path, text, {"IfMatch": etag} if etag else {})
+    return True
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock over a local lease's changes (the lock file stays: removing it would race its lockers)."""
+    with open(f"{path}.lock", "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _version(text: bytes) -> str:
+    return hashlib.sha256(text).hexdigest()
 
 
 def _conditional_put(fs, path: str, text: bytes, condition: dict) -> bool:
