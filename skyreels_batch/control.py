@@ -1,7 +1,7 @@
 """The job's control actor, shared by the driver and the stages: segment progress, the stop flag, how many rows may
-enter a render pass (admission), where each row in flight is (so that a stopping driver knows when the segments in
-flight have landed, and a row lost in a pass is reported with the stage that lost it), and which prompt embeddings
-the rows in flight still need (`_embeddings/` holds only those).
+enter a render pass and wait in it (admission), where each row in flight is (so that a stopping driver knows when
+the segments in flight have landed, and a row lost in a pass is reported with the stage that lost it), and which
+prompt embeddings the rows in flight still need (`_embeddings/` holds only those).
 
 Ray is imported where it is used: the stages call these helpers with no control actor when they run outside a
 job (the tests, bench/gpu.py on a machine without Ray).
@@ -24,13 +24,17 @@ if TYPE_CHECKING:
     from skyreels_batch.pipelines import ModelLoad
 
 ADMIT_POLL_S = 0.2
-# While the window is full, how often admission asks Ray which nodes are alive: a row held on a node that is gone
-# (in a text encoder, or encoded and queued for a render actor) was lost with it and stops counting.
+# While a window is full, how often admission asks Ray which nodes are alive: a row held on a node that is gone (in a
+# text encoder, encoded and queued for a render actor, or rendered and queued for the writer) was lost with it and
+# stops counting.
 NODE_CHECK_S = 5.0
 
 
 class JobControl:
-    """Run as a Ray actor (start_job_control). `alive_nodes` returns the ids of the cluster's alive nodes."""
+    """Run as a Ray actor (start_job_control). At most `window` rows wait: for a render actor, or rendered, for the
+    writer or on their way back to the driver (their segments on storage: 150-330 MB each at 540P-720P). So the rows
+    with segments on storage are at most the render actors' plus `window`, however far the writer falls behind.
+    `alive_nodes` returns the ids of the cluster's alive nodes."""
 
     def __init__(self, window: int, alive_nodes: Callable[[], set[str]] | None = None) -> None:
         self.window = window
@@ -42,7 +46,9 @@ class JobControl:
         # took it (None before: on the driver's node). A row counts until it starts rendering or is lost.
         self.waiting: dict[str, str | None] = {}
         self.rendering: set[str] = set()  # started by a render actor
-        self.rendered: set[str] = set()  # the render actor is done with it: at the writer, or on its way back
+        # The render actor is done with it: the node its rendered row is stored on (Ray Data keeps a block where it was
+        # made), until it is back at the driver. A writer lost with its node runs again from that row (Ray's lineage).
+        self.rendered: dict[str, str | None] = {}
         self.counted: dict[str, int] = {}  # segments counted per video, until it is back at the driver
         self.loads: list[dict] = []  # each actor's model load (pipelines.ModelLoad), for the run's metadata
         self.needs: dict[str, list[str]] = {}  # the embedding files each admitted row needs, until it is rendered
@@ -50,12 +56,12 @@ class JobControl:
 
     def admit(self, video_id: str, embeddings: list[str] | tuple[str, ...] = ()) -> bool | None:
         """Whether a pass may hand out this row, which needs these embedding files: None while `window` rows wait
-        for a render actor (ask again), False once the job is stopping."""
+        (for a render actor, or rendered for the writer: ask again), False once the job is stopping."""
         if self.stopping:
             return False
-        if len(self.waiting) >= self.window and video_id not in self.waiting:
+        if video_id not in self.waiting and self._full():
             self._forget_lost()
-            if len(self.waiting) >= self.window:
+            if self._full():
                 return None
         self.waiting[video_id] = None
         if video_id not in self.needs:
@@ -71,6 +77,10 @@ class JobControl:
     def pass_started(self) -> None:
         """Nothing of an earlier pass waits any more: its rows came back, or were lost and are in this pass."""
         self.waiting.clear()
+        self.rendered.clear()
+
+    def _full(self) -> bool:
+        return len(self.waiting) + len(self.rendered) >= self.window
 
     def _forget_lost(self) -> None:
         now = time.monotonic()
@@ -79,6 +89,7 @@ class JobControl:
         self.nodes_checked = now
         alive = self.alive_nodes()
         self.waiting = {key: node for key, node in self.waiting.items() if node is None or node in alive}
+        self.rendered = {key: node for key, node in self.rendered.items() if node is None or node in alive}
 
     def _release(self, video_id: str) -> None:
         """The row needs its embeddings no more: remove the files no other row in flight needs."""
@@ -93,7 +104,7 @@ class JobControl:
     def start_video(self, video_id: str) -> bool:
         """Whether a render actor may start this video (no, once the job is stopping)."""
         self.waiting.pop(video_id, None)
-        self.rendered.discard(video_id)
+        self.rendered.pop(video_id, None)
         if not self.stopping:
             self.rendering.add(video_id)
         return not self.stopping
@@ -105,9 +116,10 @@ class JobControl:
         self.counted[video_id] = max(count, self.counted.get(video_id, 0))
         return not self.stopping
 
-    def render_ended(self, video_id: str) -> None:
+    def render_ended(self, video_id: str, node: str | None = None) -> None:
+        """The render actor on `node` is done with the row: its rendered row waits there for the writer."""
         self.rendering.discard(video_id)
-        self.rendered.add(video_id)
+        self.rendered[video_id] = node
         self._release(video_id)
 
     def returned(self, video_ids: list[str]) -> list[int]:
@@ -116,7 +128,7 @@ class JobControl:
         for video_id in video_ids:
             self.waiting.pop(video_id, None)
             self.rendering.discard(video_id)
-            self.rendered.discard(video_id)
+            self.rendered.pop(video_id, None)
             self._release(video_id)
             counted.append(self.counted.pop(video_id, 0))
         return counted
@@ -196,7 +208,8 @@ def segments_done(control: ActorHandle | None, video_id: str, count: int) -> boo
 
 def render_ended(control: ActorHandle | None, video_id: str) -> None:
     if control is not None:
-        _get(control.render_ended.remote(video_id))  # before the row travels on: the driver's `returned` comes later
+        # Before the row travels on: the driver's `returned` comes later.
+        _get(control.render_ended.remote(video_id, node_id()))
 
 
 def model_loaded(control: ActorHandle | None, load: ModelLoad) -> None:

@@ -29,18 +29,25 @@ def run_sampling(config: JobConfig, sample) -> tuple[object, list]:
     return summary[0], samples
 
 
-def test_embeddings_hold_only_the_texts_of_rows_in_flight(ray_local: None, tmp_path: Path) -> None:
+def test_work_folders_hold_only_the_rows_in_flight(ray_local: None, tmp_path: Path) -> None:
     rows = [{**TINY, "id": f"clip-{number}", "prompt": f"a lantern number {number}"} for number in range(12)]
     output = tmp_path / "out"
     embeddings = output / "_embeddings"
     embeddings.mkdir(parents=True)
     (embeddings / "from-a-killed-run.safetensors").write_bytes(b"stale")
     config = JobConfig(manifest=str(write_manifest(tmp_path / "m.parquet", rows)), output=str(output))
-    summary, counts = run_sampling(config, lambda: len(list(embeddings.glob("*.safetensors"))))
+
+    def sample() -> tuple[int, int]:
+        return len(list(embeddings.glob("*.safetensors"))), len(list((output / "_segments").glob("*")))
+
+    summary, samples = run_sampling(config, sample)
     assert summary.done == len(rows)
+    embedding_files, segment_dirs = zip(*samples, strict=True)
     # One render actor here: a window of 4 rows waiting, 1 rendering, and the negative prompt they share.
-    assert max(counts) <= 4 + 1 + 1, counts
+    assert max(embedding_files) <= 4 + 1 + 1, embedding_files
     assert not embeddings.exists()
+    # Segments: the row rendering, and the window of 4 rows waiting (for it, or rendered for the writer).
+    assert 0 < max(segment_dirs) <= 1 + 4, segment_dirs
 
 
 def test_the_segments_of_a_row_that_failed_for_good_are_removed(ray_local: None, tmp_path: Path) -> None:

@@ -65,6 +65,32 @@ def test_a_row_lost_with_its_node_or_its_pass_stops_counting() -> None:
     assert control.admit("one-more") is True
 
 
+def test_rendered_rows_waiting_for_the_writer_count_until_they_are_back_or_lost_with_their_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A writer slower than the render actors (seen in the soak: 1,182 rendered rows waiting, their segments on
+    storage) holds the pass: no row enters while `window` rows wait, for a render actor or for the writer."""
+    monkeypatch.setattr("skyreels_batch.control.NODE_CHECK_S", 0.0)
+    alive = {"driver", "gpu-node"}
+    control = JobControl(window=2, alive_nodes=lambda: set(alive))
+    for video_id in ("a", "b"):
+        assert control.admit(video_id) and control.start_video(video_id)
+        control.render_ended(video_id, "gpu-node")
+    assert control.admit("c") is None, "two rendered rows wait for the writer"
+    control.returned(["a"])  # written and back at the driver
+    assert control.admit("c") is True
+    control.start_video("c")
+    control.render_ended("c", "gpu-node")
+    assert control.admit("d") is None
+    alive.discard("gpu-node")  # the rows stored there were lost with it: the next pass renders them again
+    assert control.admit("d") is True
+    assert control.state() == (0, 0)
+    control.start_video("d")
+    control.render_ended("d", "driver")
+    assert control.admit("e") is True, "one rendered row, one waiting: the window of 2 is full"
+    assert control.admit("f") is None
+
+
 def test_an_embedding_stays_while_a_row_in_flight_needs_it(tmp_path: Path) -> None:
     files = {name: tmp_path / f"{name}.safetensors" for name in ("negative", "cat", "dog")}
     for path in files.values():
