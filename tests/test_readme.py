@@ -119,3 +119,29 @@ def test_installs_use_the_constraints_the_suite_passed_with_within_pyprojects_bo
         assert pins[name] in bounds[name], f"{name} {pins[name]} outside pyproject's {bounds[name]}"
     for name in ("ray", "diffusers"):  # the libraries whose internals the project reaches: what CI tested
         assert version(name) == pins[name], f"{name} {version(name)} installed, constraints.txt pins {pins[name]}"
+
+
+def test_actor_retries_still_have_no_named_parameter_in_ray_and_no_other_ray_deprecation_is_silenced() -> None:
+    """pipeline.on_actor_pool silences Ray's warning for `max_restarts`/`max_task_retries` because Ray names no
+    replacement: once map_batches has them as parameters, this fails, and the pool moves to them."""
+    import inspect
+    import warnings
+
+    import ray.data
+    from ray.util.annotations import RayDeprecationWarning
+
+    from skyreels_batch.pipeline import on_actor_pool
+
+    named = inspect.signature(ray.data.Dataset.map_batches).parameters
+    assert "max_task_retries" not in named and "max_restarts" not in named, "use map_batches' named parameters now"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on_actor_pool(ray.data.range(1), _Identity, {}, pool=ray.data.ActorPoolStrategy(size=1), num_gpus=0, num_cpus=0)
+        ray.data.range(1).map_batches(_Identity, compute=ray.data.ActorPoolStrategy(size=1), max_restarts=-1)
+    ray_warnings = [str(warning.message) for warning in caught if warning.category is RayDeprecationWarning]
+    assert len(ray_warnings) == 1 and "ray_remote_args" in ray_warnings[0], "only the unsilenced call warns"
+
+
+class _Identity:
+    def __call__(self, batch: dict) -> dict:
+        return batch
