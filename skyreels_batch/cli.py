@@ -14,6 +14,7 @@ from skyreels_batch.checkpoints import CheckpointError
 from skyreels_batch.config import JobConfig, JobRefused, PipelineOptions
 from skyreels_batch.manifest import ManifestError
 from skyreels_batch.models import UnknownModelError
+from skyreels_batch.quality import parse_gate
 from skyreels_batch.schema import manifest_columns
 
 EXIT_DONE, EXIT_SOME_FAILED, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
@@ -38,6 +39,14 @@ def parse_resource(value: str) -> tuple[str, float]:
         return name, float(amount or 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--render-resource wants NAME or NAME=AMOUNT, got {value!r}") from None
+
+
+def parse_quality_gate(value: str) -> str:
+    try:
+        parse_gate(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def parse_attention_backend(value: str) -> str:
@@ -98,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-latents",
         action="store_true",
         help="also write <output>/latents/<id>.safetensors (key 'latents', [1, C, L, h, w])",
+    )
+    parser.add_argument(
+        "--quality-gate",
+        nargs="?",
+        const="default",
+        type=parse_quality_gate,
+        metavar="SIGNAL=VALUE,...",
+        help="flag videos whose quality signals pass the gate's thresholds (quality_flags in the index; the dataset "
+        "leaves them out): the defaults alone, or some changed, e.g. frozen_fraction=0.3,seam_jump=3",
+    )
+    parser.add_argument(
+        "--keep-flagged", action="store_true", help="the dataset keeps the videos the quality gate flagged"
     )
     parser.add_argument(
         "--max-retries",
@@ -208,6 +229,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         stop_grace_s=args.stop_grace,
         index_interval_s=args.index_interval,
         gpus_per_video=args.gpus_per_video,
+        quality_gate=args.quality_gate,
+        keep_flagged=args.keep_flagged,
     )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from skyreels_batch.cluster import Capacity, resources_text
+from skyreels_batch.quality import parse_gate
 
 Offload = Literal["none", "model", "group"]
 
@@ -73,6 +74,24 @@ class JobConfig(BaseModel):
         description="Ranks that render one video together (sequence parallelism): a render worker is a group of "
         "this many processes, one GPU each, on one node.",
     )
+    quality_gate: str | None = Field(
+        default=None,
+        description="Flag videos whose quality signals pass a threshold (quality.GATE): 'default', or "
+        "'SIGNAL=VALUE,...' to change some. None: signals only, no flags.",
+    )
+    keep_flagged: bool = Field(
+        default=False, description="The dataset (videos/metadata.parquet) keeps videos the quality gate flagged."
+    )
+
+    @field_validator("quality_gate")
+    @classmethod
+    def _gate_parses(cls, spec: str | None) -> str | None:
+        if spec is not None:
+            parse_gate(spec)
+        return spec
+
+    def gate(self) -> dict[str, tuple[str, float]] | None:
+        return None if self.quality_gate is None else parse_gate(self.quality_gate)
 
 
 # The text encoder shares a GPU with a render actor (1 - this each): with whole GPUs each, on a one-GPU node

@@ -7,8 +7,9 @@ opened from local disk and served from the bucket.
   shard with its cached copy. A run's parts never change (a merge writes a new one), so while the run goes each
   refresh writes only the new part's script; after a fold (a run's start and end) every shard's script is written
   again.
-- The page loads the scripts with script tags (pages opened from disk may not `fetch`), filters in memory, and
-  draws a page of cards at a time.
+- The page loads the scripts with script tags (pages opened from disk may not `fetch`), filters in memory (also by
+  a quality signal above or below a value, e.g. frozen above 0.5), sorts (by id, render time or a quality signal),
+  and draws a page of cards at a time; each card shows its video's quality signals and the gate's flags.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from skyreels_batch import storage
+from skyreels_batch.quality import COLUMNS as QUALITY_COLUMNS
 
 ASSETS = Path(__file__).parent / "gallery_assets"
 CARD_COLUMNS = ("id", "status", "prompt", "mode", "seed", "width", "height", "num_frames", "num_segments")
-CARD_COLUMNS += ("render_s", "error", "video", "poster", "sheet")
+# `quality`: the video's quality columns (QUALITY_COLUMNS, in order) in one array, or null where it has none (a
+# failed row, a video of a run before the signals): 8 nulls a row would be 4 MB in 100,000 rows.
+CARD_COLUMNS += ("render_s", "error", "video", "poster", "sheet", "quality")
 # What the cards need from an index file; `params` gives the mode. Files of older versions may lack a column.
 INDEX_COLUMNS = ("id", "status", "prompt", "seed", "width", "height", "num_frames", "num_segments", "render_s")
-INDEX_COLUMNS += ("error", "uri", "poster_uri", "sheet_uri", "params")
+INDEX_COLUMNS += ("error", "uri", "poster_uri", "sheet_uri", "params", *QUALITY_COLUMNS.names)
 
 
 def gallery_dir(output: str) -> str:
@@ -83,11 +88,12 @@ class Gallery:
 
 
 def data_script(index_file: str) -> bytes:
-    """One results index file's rows as a script: `skyreelsGallery.add(columns, rows)`."""
+    """One results index file's rows as a script: `skyreelsGallery.add(columns, rows, quality columns)`."""
     parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(index_file)))
     present = [name for name in INDEX_COLUMNS if name in parquet.schema_arrow.names]
     rows = [card_row(row) for row in parquet.read(columns=present).to_pylist()]
-    return _call("add", list(CARD_COLUMNS), [[row[name] for name in CARD_COLUMNS] for row in rows])
+    cards = [[row[name] for name in CARD_COLUMNS] for row in rows]
+    return _call("add", list(CARD_COLUMNS), cards, QUALITY_COLUMNS.names)
 
 
 def card_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +101,10 @@ def card_row(row: dict[str, Any]) -> dict[str, Any]:
     video_id = row["id"]
     params = json.loads(row["params"]) if row.get("params") else {}
     render_s = row.get("render_s")
+    quality = [
+        _significant(row.get(field.name)) if pa.types.is_floating(field.type) else row.get(field.name)
+        for field in QUALITY_COLUMNS
+    ]
     return {
         **{name: row.get(name) for name in CARD_COLUMNS},
         "mode": params.get("mode"),
@@ -103,7 +113,12 @@ def card_row(row: dict[str, Any]) -> dict[str, Any]:
         "video": f"videos/{video_id}.mp4" if row.get("uri") else None,
         "poster": f"posters/{video_id}.jpg" if row.get("poster_uri") else None,
         "sheet": f"sheets/{video_id}.jpg" if row.get("sheet_uri") else None,
+        "quality": None if all(value is None for value in quality) else quality,
     }
+
+
+def _significant(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.4g}")
 
 
 def _call(method: str, *arguments: Any) -> bytes:

@@ -149,7 +149,7 @@ def run_job(config: JobConfig, *, log: Callable[[str], None] = print, stop: Stop
         if not outcome.stopped:
             storage.remove_empty_dir(segments_dir(output))
         storage.remove_tree(embeddings_dir(output))  # what rows left in flight needed: cheap to make again
-        write_dataset_metadata(output, index.files())
+        write_dataset_metadata(output, index.files(), keep_flagged=config.keep_flagged)
         log(f"results index: {results_dir(output)}; gallery: {storage.join(output, 'index.html')}")
         failed = outcome.failed + work.failed.num_rows
         done = outcome.done + committed_unseen + work.skipped
@@ -292,7 +292,13 @@ def render_pool(resources: Resources) -> ActorPoolStrategy:
 
 
 def write_videos(rows: Dataset, output: str, config: JobConfig, resources: Resources) -> Dataset:
-    writer = WriteVideos(output=output, crf=config.crf, lossless=config.lossless, save_latents=config.save_latents)
+    writer = WriteVideos(
+        output=output,
+        crf=config.crf,
+        lossless=config.lossless,
+        save_latents=config.save_latents,
+        quality_gate=config.gate(),
+    )
     return rows.map_batches(writer, batch_size=1, batch_format="pyarrow", num_cpus=resources.write_num_cpus)
 
 

@@ -1,8 +1,9 @@
 """A run report from the results index alone: `python -m skyreels_batch.report OUTPUT [--plot FILE.png]`.
 
 Totals (done, failed by kind of error), videos per hour, GPU-hours (render actor time), the transformer's share of
-it, seconds per video by model, mode and size, and the slowest rows. `--plot` draws throughput over time and the
-distribution of seconds per video (matplotlib: `pip install -e ".[report]"`).
+it, seconds per video by model, mode and size, the slowest rows, and the quality signals (quality.py): their
+distributions, the videos the gate flagged, and the worst video by each signal. `--plot` draws throughput over time
+and the distribution of seconds per video (matplotlib: `pip install -e ".[report]"`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import pandas as pd
 
 from skyreels_batch import storage
+from skyreels_batch.quality import GATE
 from skyreels_batch.results import read_index
 
 SLOWEST = 5
@@ -73,7 +75,46 @@ def report(frame: pd.DataFrame) -> str:
             .round(2)
             .to_string(index=False),
         ]
-    return "\n".join(lines)
+    return "\n".join(lines + quality_report(done))
+
+
+def quality_report(done: pd.DataFrame) -> list[str]:
+    """Each signal's distribution over the videos done, the gate's flags, and the worst video by each signal (in
+    the gate's direction: the most frozen, the least sharp...)."""
+    scored = done.dropna(subset=["quality_motion"]) if "quality_motion" in done else done.iloc[:0]
+    if not len(scored):
+        return []
+    signals = pd.DataFrame({name: scored[f"quality_{name}"] for name in GATE}, index=scored.index)
+    signals["cuts"] = scored["quality_cuts"].map(lambda cuts: len(cuts) if cuts is not None else 0)
+    distribution = signals.describe(percentiles=[0.05, 0.5, 0.95]).T[["count", "min", "5%", "50%", "95%", "max"]]
+    lines = [
+        "",
+        f"quality signals of {len(scored):,} videos (cuts: how many):",
+        distribution.to_string(float_format="{:.4g}".format),
+    ]
+    flags = scored["quality_flags"].dropna()
+    if len(flags):
+        counts = pd.Series([flag for row in flags for flag in row], dtype=object).value_counts()
+        flagged = sum(1 for row in flags if len(row))
+        lines.append(
+            f"flagged by the quality gate: {flagged:,} videos"
+            + "".join(f"; {name} {count:,}" for name, count in counts.items())
+        )
+    worst = []
+    for name, (side, _) in GATE.items():
+        values = signals[name].dropna()
+        if len(values):
+            at = values.idxmax() if side == "above" else values.idxmin()
+            worst.append(
+                {
+                    "signal": name,
+                    "worst": "highest" if side == "above" else "lowest",
+                    "id": scored.id[at],
+                    "value": values[at],
+                }
+            )
+    lines += ["worst video by each signal:", pd.DataFrame(worst).to_string(index=False, float_format="{:.4g}".format)]
+    return lines
 
 
 def plot(frame: pd.DataFrame, path: str) -> None:

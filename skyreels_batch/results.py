@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from skyreels_batch import storage
+from skyreels_batch import quality, storage
 from skyreels_batch.gallery import Gallery
 
 RESULTS = pa.schema(
@@ -67,6 +67,7 @@ RESULTS = pa.schema(
         ("render_s", pa.float64()),
         ("transformer_s", pa.float64()),
         ("encode_s", pa.float64()),
+        *quality.COLUMNS,
     ]
 )
 logger = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ class ResultsIndex:
     def _merge_into_shard(self, shard: int, rows: pa.Table) -> None:
         uri = storage.join(results_dir(self.output), shard_name(shard))
         try:
-            kept = _read_table(uri).cast(RESULTS)
+            kept = conform(_read_table(uri))
             kept = kept.filter(pc.invert(pc.is_in(kept["id"], rows["id"])))
         except FileNotFoundError:
             kept = RESULTS.empty_table()
@@ -330,6 +331,14 @@ def read_index(output: str, attempts: int = 10) -> pd.DataFrame:
         frame = pa.concat_tables(tables, promote_options="default").to_pandas()
         return frame.drop_duplicates("id", keep="last").reset_index(drop=True)
     raise RuntimeError(f"the results index under {output} changed under {attempts} reads in a row")
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """An index file in RESULTS' schema: a file written before a column was added has it null."""
+    missing = [field for field in RESULTS if field.name not in table.column_names]
+    for field in missing:
+        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(RESULTS.names).cast(RESULTS)
 
 
 def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -92,6 +92,8 @@ NON_DEFAULT = {
     "--compile": [],
     "--attention-backend": ["_native_math"],
     "--gpus-per-video": ["2"],
+    "--quality-gate": ["frozen_fraction=0.3"],
+    "--keep-flagged": [],
 }
 
 

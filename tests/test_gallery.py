@@ -121,6 +121,18 @@ def test_every_video_has_its_poster_and_sheet_in_the_index(finished_run: Path) -
 
 
 @pytest.mark.slow
+def test_every_video_has_its_quality_signals_in_the_index(finished_run: Path) -> None:
+    """The embedded model renders noise: never black or frozen, always moving; the chained video has seams."""
+    index = pd.read_parquet(results_dir(str(finished_run))).set_index("id")
+    done = index.loc[list(DONE)]
+    assert (done.quality_black_fraction == 0).all() and (done.quality_frozen_fraction == 0).all()
+    assert (done.quality_motion > 0).all() and (done.quality_sharpness > 0).all()
+    assert done.quality_seam_jump.notna().tolist() == [False, False, True]  # pier: three segments
+    assert done.quality_flags.isna().all(), "no gate by default: signals only"
+    assert index.loc[["bad-frames", "no-image"]].quality_motion.isna().all()
+
+
+@pytest.mark.slow
 def test_the_output_loads_as_a_huggingface_videofolder_dataset(finished_run: Path) -> None:
     import datasets
 
@@ -135,6 +147,7 @@ def test_the_output_loads_as_a_huggingface_videofolder_dataset(finished_run: Pat
         assert (row["seed"], row["mode"], row["width"], row["height"]) == (source["seed"], "t2v", source["width"], 32)
         assert row["num_inference_steps"] > 0 and row["model"] == "tiny-df"
         assert len(decode(row["video"]["path"])[0]) == source["num_frames"]
+    assert sorted(loaded.filter(lambda row: row["quality_frozen_fraction"] < 0.5)["id"]) == sorted(DONE)
 
 
 @pytest.mark.slow
@@ -144,6 +157,9 @@ def test_the_report_reads_the_index(finished_run: Path, tmp_path: Path, capsys) 
     assert "rows 5: 3 done, 2 failed" in printed
     assert "failed, num_frames: 1" in printed and "failed, image: 1" in printed
     assert re.search(r"^\s*tiny-df\s+t2v\s+48x32\s+2\s", printed, re.MULTILINE), printed  # 2 of that model and size
+    assert "quality signals of 3 videos" in printed
+    assert re.search(r"^\s*seam_jump\s+1\s", printed, re.MULTILINE), "one chained video has a seam jump"
+    assert re.search(r"^\s*frozen_fraction\s+highest\s+\S+\s+0\s*$", printed, re.MULTILINE), printed
     assert Image.open(tmp_path / "plot.png").size == (1100, 400)
 
 
@@ -176,7 +192,7 @@ def test_the_gallery_follows_the_index_as_a_run_goes(tmp_path: Path) -> None:
         listing = _script_argument((tmp_path / "out" / "gallery" / "files.js").read_text())
         ids = []
         for name, _ in listing["files"]:
-            columns, rows = _script_arguments((tmp_path / "out" / "gallery" / "data" / f"{name}.js").read_text())
+            columns, rows, _ = _script_arguments((tmp_path / "out" / "gallery" / "data" / f"{name}.js").read_text())
             ids += [row[columns.index("id")] for row in rows]
         return sorted(ids)
 
@@ -277,6 +293,18 @@ def test_the_gallery_in_a_browser(finished_run: Path, browser, tmp_path: Path) -
     Select(browser.find_element(By.ID, "status")).select_by_value("failed")
     assert sorted(cards(browser)) == ["bad-frames", "no-image"]
     Select(browser.find_element(By.ID, "status")).select_by_value("")
+    quality = browser.find_element(By.CSS_SELECTOR, ".card[data-id='pier'] .quality").text
+    assert "frozen 0.00" in quality and "seam jump" in quality, quality
+    Select(browser.find_element(By.ID, "signal")).select_by_value("quality_frozen_fraction")
+    browser.find_element(By.ID, "threshold").send_keys("0.5")  # frozen above 0.5: noise never is
+    assert cards(browser) == []
+    Select(browser.find_element(By.ID, "side")).select_by_value("below")
+    assert sorted(cards(browser)) == sorted(DONE)
+    Select(browser.find_element(By.ID, "sort")).select_by_value("quality_motion")  # the least motion first
+    motion = pd.read_parquet(results_dir(str(finished_run))).set_index("id").quality_motion
+    assert cards(browser) == motion.loc[list(DONE)].sort_values().index.tolist()
+    Select(browser.find_element(By.ID, "signal")).select_by_value("")
+    Select(browser.find_element(By.ID, "sort")).select_by_value("id")
 
     browser.find_element(By.CSS_SELECTOR, ".card[data-id='pier'] .media").click()
     played = WebDriverWait(browser, 30).until(

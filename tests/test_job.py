@@ -170,6 +170,7 @@ def test_the_job_flags_take_effect(local_run, tmp_path: Path) -> None:
     watch = ResourceWatch("render_slot")
     watch.start()
     flags = ["--save-latents", "--max-frames", "9", "--crf", "30", "--render-resource", "render_slot=0.25"]
+    flags += ["--quality-gate", "sharpness=1e9"]  # noise is sharp, but not that sharp: flagged
     assert main([str(manifest), "--output", str(output), *flags]) == 1
     watch.done.set()
     assert watch.least == 0.75, "the render actor held a quarter of the cluster's render_slot"
@@ -179,6 +180,8 @@ def test_the_job_flags_take_effect(local_run, tmp_path: Path) -> None:
     assert Path(results.loc["alpha"].latents_uri).exists()
     video = (output / "videos" / "alpha.mp4").read_bytes()
     assert b" crf=30.0 " in video  # x264 records its settings in the stream
+    assert list(results.loc["alpha"].quality_flags) == ["sharpness"], "flagged, and still done"
+    assert results.loc["alpha"].status == "done" and not (output / "videos" / "metadata.parquet").exists()
     _, default, _ = local_run  # the same row with the default flags
     assert b" crf=18.0 " in (default / "videos" / "alpha.mp4").read_bytes()
     assert not (default / "latents").exists()

@@ -100,8 +100,9 @@ def test_the_results_index_table_is_the_index_schema() -> None:
     from skyreels_batch.results import RESULTS
 
     section = (REPO / "docs" / "operations.md").read_text().split("\n## The results index\n", 1)[1]
-    table = dict(re.findall(r"^\| `(\w+)` \| (\w+) \|", section.split("\n## ", 1)[0], re.MULTILINE))
+    table = dict(re.findall(r"^\| `(\w+)` \| ([\w ]+?) \|", section.split("\n## ", 1)[0], re.MULTILINE))
     kinds = {"string": "string", "int64": "int", "double": "float", "timestamp[ms, tz=UTC]": "timestamp"}
+    kinds |= {"list<item: int64>": "list of int", "list<item: string>": "list of string"}
     assert table == {field.name: kinds[str(field.type)] for field in RESULTS}
     assert list(table) == RESULTS.names
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, TypeVar
 import pyarrow as pa
 import torch
 
+from skyreels_batch import quality
 from skyreels_batch.inputs import InputError
 from skyreels_batch.schema import RenderParams
 
@@ -50,6 +51,7 @@ WRITTEN = pa.schema(
         pa.field("latents_uri", pa.string()),
         pa.field("checksum", pa.string()),
         pa.field("encode_s", pa.float64()),
+        *quality.COLUMNS,
     ]
 )
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from skyreels_batch import storage
+from skyreels_batch.quality import QualityMeter
 from skyreels_batch.results import columns_of, committed, result_row, write_record
 from skyreels_batch.schema import RenderParams, plan_for
 from skyreels_batch.segments import SegmentStore
@@ -35,9 +36,11 @@ def latents_uri(output: str, video_id: str) -> str:
 
 
 class WriteVideos(RowStage):
-    """Rendered rows -> `uri`, `checksum` (sha256 of the MP4), `encode_s`, and the video's poster and contact sheet
-    (thumbnails.py: JPEGs picked from the frames on their way into the MP4); with `save_latents` also the video's
-    latents. Reads one segment at a time, so memory does not grow with length. CPU work: runs as Ray tasks.
+    """Rendered rows -> `uri`, `checksum` (sha256 of the MP4), `encode_s`, the video's poster and contact sheet
+    (thumbnails.py: JPEGs picked from the frames on their way into the MP4), its quality signals (quality.py,
+    measured on the same frames; with a `quality_gate`, the signals over it in `quality_flags`); with
+    `save_latents` also the video's latents. Reads one segment at a time, so memory does not grow with length. CPU
+    work: runs as Ray tasks.
 
     Commits in this order: the MP4, its poster and sheet, then its record (results.py: the proof that it is done,
     and for which request), then the segments are removed. Killed between any two, the next run redoes at most the
@@ -47,11 +50,20 @@ class WriteVideos(RowStage):
     output_schema = WRITTEN
     failure = "writing the MP4 failed"
 
-    def __init__(self, *, output: str, crf: int, lossless: bool, save_latents: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        output: str,
+        crf: int,
+        lossless: bool,
+        save_latents: bool = False,
+        quality_gate: dict[str, tuple[str, float]] | None = None,
+    ) -> None:
         self.output = output
         self.crf = crf
         self.lossless = lossless
         self.save_latents = save_latents
+        self.quality_gate = quality_gate
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         store = SegmentStore(self.output, params.id)
@@ -62,8 +74,9 @@ class WriteVideos(RowStage):
         started = time.perf_counter()
         count = row["num_segments"]
         with_clip = params.mode == "v2v"
-        thumbnails = Thumbnails(*_frame_count_and_seams(params, store, with_clip))
-        frames = thumbnails.watch(store.frames(count, with_clip=with_clip))
+        total, seams = _frame_count_and_seams(params, store, with_clip)
+        thumbnails, meter = Thumbnails(total, seams), QualityMeter(total, seams)
+        frames = meter.watch(thumbnails.watch(store.frames(count, with_clip=with_clip)))
         mp4 = encode_mp4(frames, fps=params.fps, crf=self.crf, lossless=self.lossless)
         saved_latents = self._save_latents(params, store, count) if self.save_latents else None
         uri = video_uri(self.output, params.id)
@@ -78,6 +91,7 @@ class WriteVideos(RowStage):
             "latents_uri": saved_latents,
             "checksum": hashlib.sha256(mp4).hexdigest(),
             "encode_s": time.perf_counter() - started,
+            **meter.quality().columns(self.quality_gate),
         }
         write_record(self.output, result_row({**row, **written}))
         store.remove()
