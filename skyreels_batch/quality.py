@@ -112,6 +112,10 @@ class QualityMeter:
     Holds two scaled-down frames and a few numbers per frame: memory does not grow with the frames' size."""
 
     def __init__(self, total: int, seams: Sequence[int] = ()) -> None:
+        import cv2
+
+        # The writer has a fraction of a core, and its signals should not depend on the machine's core count.
+        cv2.setNumThreads(1)
         self.total = total
         self.seams = sorted(seam for seam in seams if 0 < seam < total)
         self.flow_frames = set(_spread(1, total, FLOW_PAIRS))

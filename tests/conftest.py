@@ -10,10 +10,13 @@ from pathlib import Path
 import av
 import boto3
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from skyreels_batch.manifest import write_manifest  # noqa: F401 - re-exported for the tests
+from skyreels_batch.results import RESULTS
 from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.video import encode_mp4
@@ -100,3 +103,10 @@ def write_clip(path: Path, seed: int, frames: int = 21) -> str:
     pixels = np.random.default_rng(seed).integers(0, 256, (frames, 32, 48, 3), dtype=np.uint8)
     path.write_bytes(encode_mp4(iter(pixels), fps=24, crf=0, lossless=True))
     return str(path)
+
+
+def distinct(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame's distinct rows: `drop_duplicates` over every column but the index's list columns (pandas reads
+    them back as arrays, which it cannot hash)."""
+    lists = {field.name for field in RESULTS if pa.types.is_list(field.type)}
+    return frame.drop_duplicates(subset=[column for column in frame.columns if column not in lists])

@@ -24,7 +24,7 @@ from skyreels_batch.collect import StopRequest
 from skyreels_batch.config import JobConfig
 from skyreels_batch.pipeline import run_job
 from skyreels_batch.results import read_index
-from tests.conftest import BUCKET, REPO, decode, write_manifest
+from tests.conftest import BUCKET, REPO, decode, distinct, write_manifest
 from tests.ray_head import stop_processes_under
 
 pytestmark = pytest.mark.slow
@@ -227,7 +227,7 @@ def test_the_index_read_while_a_run_goes_on_lists_what_it_has_committed(ray_loca
         videos = {path.stem: path.stat().st_mtime for path in (output / "videos").glob("*.mp4")}
         # A plain read lists an id twice only as the same row twice: a fold (here, the run's last) has copied its
         # part into its shard and not yet deleted the part. read_index lists it once.
-        assert index.drop_duplicates().id.is_unique
+        assert distinct(index).id.is_unique
         exact = read_index(str(output))
         assert set(index.id) <= set(videos) and set(exact.id) <= set(videos), "the index lists only committed videos"
         # Folded every second here (15 s by default): anything committed 20 s ago is listed.

@@ -23,7 +23,7 @@ from skyreels_batch.results import (
     results_dir,
     write_record,
 )
-from tests.conftest import BUCKET
+from tests.conftest import BUCKET, distinct
 
 
 def done(video_id: str, request: str = "r1", **columns) -> dict:
@@ -166,7 +166,7 @@ def test_readers_see_a_consistent_index_while_a_run_adds_to_it(output: str) -> N
     while not finished.is_set():
         fs.invalidate_cache()
         try:
-            assert read_plain(output).drop_duplicates().id.is_unique
+            assert distinct(read_plain(output)).id.is_unique
         except OSError:  # a part merged away between the listing and the read (on S3 pyarrow's own error)
             pass
         rows = read_index(output)
@@ -201,7 +201,7 @@ def test_read_index_is_exact_during_a_fold_where_a_plain_read_lists_a_row_twice(
         frozen.setattr("skyreels_batch.results.storage.remove_files", lambda uris: None)
         index.close()
     plain = read_plain(output)
-    assert len(plain) == 30 + 2 * 40 and plain.drop_duplicates().id.is_unique  # the same row twice
+    assert len(plain) == 30 + 2 * 40 and distinct(plain).id.is_unique  # the same row twice
     exact = read_index(output)
     assert len(exact) == 70 and set(exact.id) == every
     # And reads that overlap a whole fold: every one lists every id once.
