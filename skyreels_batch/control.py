@@ -122,6 +122,12 @@ class JobControl:
         self.rendered[video_id] = node
         self._release(video_id)
 
+    def stored_on(self, video_id: str, node: str) -> None:
+        """The rendered row is stored on `node`, not where its render ended (a render group's row leaves rank 0
+        for the Ray Data actor that holds the group, which runs outside the group's placement group)."""
+        if video_id in self.rendered:
+            self.rendered[video_id] = node
+
     def returned(self, video_ids: list[str]) -> list[int]:
         """Rows the driver got back from the pass; returns the segments counted for each."""
         counted = []
@@ -210,6 +216,14 @@ def render_ended(control: ActorHandle | None, video_id: str) -> None:
     if control is not None:
         # Before the row travels on: the driver's `returned` comes later.
         _get(control.render_ended.remote(video_id, node_id()))
+
+
+def stored_here(control: ActorHandle | None, video_ids: list[str]) -> None:
+    """These rendered rows leave this process's stage: lost with this node until they are back at the driver."""
+    if control is not None:
+        here = node_id()
+        for video_id in video_ids:
+            control.stored_on.remote(video_id, here)  # no wait: admission reads it only once the window is full
 
 
 def model_loaded(control: ActorHandle | None, load: ModelLoad) -> None:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import ray
 import torch
@@ -267,7 +267,7 @@ def _end_worker_if_any_fails(calls: list[ray.ObjectRef], where: str) -> threadin
     return watcher
 
 
-def end_worker(why: str) -> None:
+def end_worker(why: str) -> NoReturn:
     """End this process (rank 0, or the Ray Data actor above it), and with it the group: Ray restarts the render
     worker, and its row resumes in the next pass."""
     logger.error("render group lost: %s; ending this worker", why)

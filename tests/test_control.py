@@ -89,6 +89,15 @@ def test_rendered_rows_waiting_for_the_writer_count_until_they_are_back_or_lost_
     control.render_ended("d", "driver")
     assert control.admit("e") is True, "one rendered row, one waiting: the window of 2 is full"
     assert control.admit("f") is None
+    # A render group's row: its render ends on rank 0's node, and Ray Data stores it where the group's actor runs.
+    control.returned(["d", "e"])
+    alive |= {"rank-node", "group-node"}
+    for video_id in ("g", "h"):
+        assert control.admit(video_id) and control.start_video(video_id)
+        control.render_ended(video_id, "rank-node")
+        control.stored_on(video_id, "group-node")
+    alive.discard("group-node")
+    assert control.admit("i") is True, "lost with the node that stored them, not the one that rendered them"
 
 
 def test_an_embedding_stays_while_a_row_in_flight_needs_it(tmp_path: Path) -> None:

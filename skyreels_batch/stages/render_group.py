@@ -8,6 +8,7 @@ import pyarrow as pa
 import ray
 from ray.util.placement_group import placement_group
 
+from skyreels_batch.control import stored_here
 from skyreels_batch.groups import end_worker, rank_actor
 from skyreels_batch.stages.render import RenderVideos
 
@@ -30,9 +31,12 @@ class RenderGroup:
         ray.get(group.ready())
         self.rank0 = rank_actor(RenderVideos, group, 0, bundle).remote(**render_args, ranks=ranks, rank_bundle=bundle)
         ray.get(self.rank0.__ray_ready__.remote())  # a group that cannot start fails this actor's start with why
+        self.control = render_args.get("control")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         try:
-            return ray.get(self.rank0.render.remote(batch))
+            rendered = ray.get(self.rank0.render.remote(batch))
         except ray.exceptions.RayActorError as error:
             end_worker(f"rank 0 is gone: {error}")
+        stored_here(self.control, rendered["id"].to_pylist())  # Ray Data keeps the row here, not on rank 0's node
+        return rendered
