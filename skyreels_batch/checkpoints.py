@@ -15,14 +15,11 @@ or a registry card's mirror. A diffusers directory, checked at the door and fetc
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +128,7 @@ def fetch_checkpoint(uri: str, *, text_encoder: bool) -> Fetched:
     local = cache_root() / "checkpoints" / _local_name(uri)
     local.mkdir(parents=True, exist_ok=True)
     fetched = 0
-    with _locked(local.with_name(f"{local.name}.lock")):
+    with storage.local_lock(local.with_name(f"{local.name}.lock")):
         listing = list_checkpoint(uri)
         for part in parts_for(sorted({file.part for file in listing.values()}), text_encoder):
             files = sorted((file for file in listing.values() if file.part == part), key=lambda file: file.path)
@@ -215,17 +212,6 @@ def _record(local: Path, part: str, fingerprint: list | None) -> None:
 
 def _local_name(uri: str) -> str:
     return f"{uri.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock between the processes of this node (released by the kernel if the holder dies)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_hub_cache(repo_id: str) -> None:

@@ -14,8 +14,6 @@ plain write, read back: the last writer owns it, the other sees so and exits 2.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import psutil
@@ -189,7 +187,7 @@ def _swap(uri: str, text: bytes, etag: str | None) -> bool:
         return _conditional_put(fs, path, text, {"IfMatch": etag} if etag else {})
     # Read again under the lock: a run that read the same stale lease and replaced it first changed its bytes.
     # (Renaming the stale one away is no compare-and-swap: a slower run would rename away the winner's lease.)
-    with _locked(path):
+    with storage.local_lock(f"{path}.lock"):
         try:
             with open(path, "rb") as file:
                 if _version(file.read()) != etag:
@@ -198,17 +196,6 @@ def _swap(uri: str, text: bytes, etag: str | None) -> bool:
             return False
         storage.write_bytes_atomic(uri, text)
     return True
-
-
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """An exclusive lock over a local lease's changes (the lock file stays: removing it would race its lockers)."""
-    with open(f"{path}.lock", "ab") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _version(text: bytes) -> str:

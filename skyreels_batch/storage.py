@@ -7,9 +7,12 @@ given the same fsspec filesystem (its own S3 client ignores AWS_ENDPOINT_URL).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mimetypes
 import os
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import fsspec
 import pyarrow.fs as pafs
@@ -124,3 +127,15 @@ def remove_empty_dir(uri: str) -> None:
     fs, path = filesystem(uri)
     if is_local(fs) and os.path.isdir(path) and not os.listdir(path):
         os.rmdir(path)
+
+
+@contextlib.contextmanager
+def local_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock between the processes of this host on a local file (flock: released by the kernel if the
+    holder dies). The lock file stays: removing it would race the processes waiting on it."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
