@@ -10,6 +10,9 @@ Runs, each timed on its own (a failing one is recorded and the rest go on):
   d:...      five-step runs: the render stage as it is, --compile (twice: the first pays the compile),
              --offload model, --offload group, then each attention backend of ATTENTION_BACKENDS that imports
   e          the text encoder: seconds per prompt
+  f:...      ten-step videos through the render stage with each step cache of CACHES: passes run and skipped
+  g:...      an asynchronous 720P window (97 frames, 25 latent frames, causal blocks of 5), one forward of two blocks
+             of the 1.3B configuration: diffusers' dense mask against the flex BlockMask (bench/attention_mask.py)
 Per run: seconds per video, seconds inside the transformer, model FLOPs, MFU against the device's bf16 peak, peak
 device memory. Also a torch.profiler table of one render step (profile.txt). Writes gpu.json and gpu.md (the
 table with the device's name) to --out as it goes, so a run cut short still leaves what it measured; no run starts
@@ -27,6 +30,7 @@ import gc
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -49,7 +53,7 @@ from skyreels_batch.stages import RowStage
 from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
-from skyreels_batch.timing import ForwardTimer
+from skyreels_batch.timing import ForwardTimer, PassCounter
 from skyreels_batch.video import to_uint8
 
 PROMPT = "A lighthouse on a rocky cliff at dusk, waves breaking below, the camera slowly orbiting in the wind"
@@ -63,6 +67,7 @@ TEXT_TOKENS = 512  # the pipelines pad every prompt to 512 tokens
 # of every head.
 ATTENTION_BACKENDS = ["_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage", "xformers"]
 ATTENTION_BACKENDS_CPU = ["_native_math", "flex"]
+CACHES = ["none", "first_block:0.1", "first_block:0.2", "taylorseer:4"]
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ class Bench:
             result = {"run": name, "error": f"{type(error).__name__}: {error}"}
             traceback.print_exc()
         if self.device == "cuda" and "error" not in result:
-            result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            result.setdefault("peak_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))  # g: its own process
         self.report["runs"].append(result)
         self.save()
         print(json.dumps(result), flush=True)
@@ -321,6 +326,8 @@ class Bench:
         self.run("build", self.build)
         self.run("a", self.diffusers_call)
         self.default_stage_runs()
+        self.cache_runs()
+        self.attention_mask_runs()
         for label, options in (
             ("compile", PipelineOptions(compile=True)),
             ("offload model", PipelineOptions(offload="model")),
@@ -344,6 +351,37 @@ class Bench:
         self.run("d:default", lambda: self.five(encoder, render, "default"))
         self.run("e", lambda: self.text_encoder(encoder))
         self.run("profile", lambda: self.profile(encoder, render))
+
+    def cache_runs(self) -> None:
+        """f: each step cache on a ten-step video; frames against the uncached one's."""
+        encoder, render = self.stages()
+        counter, uncached = PassCounter(render.pipeline.transformer), {}
+
+        def cached(spec: str) -> dict:
+            before = (counter.passes, counter.skipped)
+            changes = {"num_inference_steps": 10} | ({} if spec == "none" else {"cache": spec})
+            timing, frames = self.render(encoder, render, row(self.size, f"f-{spec.replace(':', '-')}", **changes))
+            uncached.setdefault("frames", frames)
+            difference = np.abs(frames.astype(np.int16) - uncached["frames"].astype(np.int16)).max()
+            passes, skipped = counter.passes - before[0], counter.skipped - before[1]
+            return {**timing, "passes": passes, "skipped": skipped, "max_abs_diff_vs_none": int(difference)}
+
+        for spec in CACHES:
+            self.run(f"f:cache {spec}", lambda spec=spec: cached(spec))
+
+    def attention_mask_runs(self) -> None:
+        """g: bench/attention_mask.py's paths at the whole 720P window (each in a fresh process)."""
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import attention_mask
+
+        if self.device == "cpu":
+            shape = argparse.Namespace(latent_frames=4, height=64, width=96, layers=1)
+        else:
+            shape = argparse.Namespace(latent_frames=25, height=720, width=1280, layers=2)
+        for path in ["dense", "block mask"]:
+            self.run(
+                f"g:async 720P forward, {path}", lambda path=path: attention_mask.measure(path, shape, self.device)
+            )
 
     def option_runs(self, label: str, options: PipelineOptions) -> None:
         encoder, render = self.stages(options)

@@ -16,13 +16,14 @@ import torch
 from PIL import Image
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.diffusion_forcing import denoise_segment, enable_sequence_parallel
+from skyreels_batch.diffusion_forcing import denoise_segment, enable_sequence_parallel, reset_step_cache, use_step_cache
 from skyreels_batch.embeddings import EmbeddingStore
 from skyreels_batch.inputs import InputError, crop_to_aspect, fetch_image, fetch_lora, fetch_video, fitted_size
 from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import ModelLoad, load_pipeline, pipeline_kwargs, use_shift
 from skyreels_batch.plan import Segment, VideoPlan
 from skyreels_batch.schema import SPATIAL_MULTIPLE, RenderParams, check_size, check_split, plan_for, split_width
+from skyreels_batch.step_cache import parse_cache
 
 # LoRA adapters a rank keeps loaded (a rank meets a new LoRA per style; over days, hundreds).
 MAX_ADAPTERS = 4
@@ -103,6 +104,7 @@ class SegmentDenoiser:
         if generator_state is not None:
             generator.set_state(generator_state)
         use_shift(self.pipeline, params.shift)
+        use_step_cache(self.pipeline.transformer, parse_cache(params.cache) if params.cache else None)
         self._use_lora(params)
         self.video = Video(params, plan_for(params), conditioning, generator, previous)
         return self.video
@@ -126,6 +128,7 @@ class SegmentDenoiser:
         prompt_embeds, negative_prompt_embeds = embeddings
         if self.card.family != "df":
             # Plain T2V / I2V checkpoints render one window; their pipeline call is the whole segment.
+            reset_step_cache(self.pipeline.transformer)
             kwargs = {**pipeline_kwargs(params), "generator": video.generator}
             if self.card.family == "i2v":
                 kwargs["image"] = conditioning["image_source"]

@@ -19,6 +19,11 @@ plan of our own: the SkyReels-V2 transformer has none, and Wan's, which otherwis
 diffusion-forcing timestep per frame, so a window's latent frames would have to divide by the ranks (25 do not
 divide by 2). tests/test_sequence_parallel.py pins it to one process's latents.
 
+Step caches (step_cache.py) are diffusers' hooks. FirstBlockCache finds what a block returns in diffusers'
+`TransformerBlockRegistry`, which lists Wan's block and not SkyReels-V2's (the same forward: hidden states in, hidden
+states out), so `register_cache_blocks` adds it; and the hooks' state is reset before every window
+(`reset_step_cache`), which a pipeline call does only when it ends.
+
 Whether an attention backend takes a mask (`takes_attention_mask`) is asked of the backend's own function: every
 backend's signature has `attn_mask`, and those that cannot use one (flash, _flash_3, sage, ...) refuse it only when
 called, which without this check happens on a GPU after a model load.
@@ -27,7 +32,10 @@ called, which without this check happens on a GPU after a model load.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
+from functools import lru_cache
 from unittest import mock
 
 import numpy as np
@@ -39,13 +47,17 @@ from diffusers import (
     SkyReelsV2DiffusionForcingVideoToVideoPipeline,
     SkyReelsV2Transformer3DModel,
 )
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2TransformerBlock
 from diffusers.utils.torch_utils import randn_tensor
 from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from skyreels_batch.plan import Segment, VideoPlan
 from skyreels_batch.schema import RenderParams
+from skyreels_batch.step_cache import CacheConfig
 
 
 @torch.no_grad()
@@ -76,8 +88,8 @@ def denoise_segment(
     """
     device = pipeline._execution_device
     transformer = pipeline.transformer
+    reset_step_cache(transformer)
     steps, causal_block_size, addnoise = params.num_inference_steps, params.causal_block_size, params.addnoise_condition
-    transformer._set_ar_attention(causal_block_size)
     long_video = plan.chained
 
     pipeline.scheduler.set_timesteps(steps, device=device)
@@ -130,26 +142,29 @@ def denoise_segment(
         update_masks[:, -segment.end_frame :] = False
     fps_embeds = [0 if params.fps == 16 else 1]
 
-    for t, update_mask, (start, end) in zip(step_matrix, update_masks, intervals, strict=True):
-        model_input = latents[:, :, start:end].to(transformer.dtype).clone()
-        timestep = t.expand(1, -1)[:, start:end].clone()
-        if addnoise > 0 and start < prefix_frames:
-            conditioned = model_input[:, :, start:prefix_frames]
-            noise = randn_tensor(conditioned.shape, generator=generator, device=device, dtype=conditioned.dtype)
-            factor = 0.001 * addnoise
-            model_input[:, :, start:prefix_frames] = conditioned * (1.0 - factor) + noise * factor
-            timestep[:, start:prefix_frames] = addnoise
+    with block_causal_attention(transformer, causal_block_size):
+        for t, update_mask, (start, end) in zip(step_matrix, update_masks, intervals, strict=True):
+            model_input = latents[:, :, start:end].to(transformer.dtype).clone()
+            timestep = t.expand(1, -1)[:, start:end].clone()
+            if addnoise > 0 and start < prefix_frames:
+                conditioned = model_input[:, :, start:prefix_frames]
+                noise = randn_tensor(conditioned.shape, generator=generator, device=device, dtype=conditioned.dtype)
+                factor = 0.001 * addnoise
+                model_input[:, :, start:prefix_frames] = conditioned * (1.0 - factor) + noise * factor
+                timestep[:, start:prefix_frames] = addnoise
 
-        noise_pred = _predict(transformer, model_input, timestep, prompt_embeds, fps_embeds, "cond")
-        if negative_prompt_embeds is not None:
-            noise_uncond = _predict(transformer, model_input, timestep, negative_prompt_embeds, fps_embeds, "uncond")
-            noise_pred = noise_uncond + params.guidance_scale * (noise_pred - noise_uncond)
+            noise_pred = _predict(transformer, model_input, timestep, prompt_embeds, fps_embeds, "cond")
+            if negative_prompt_embeds is not None:
+                noise_uncond = _predict(
+                    transformer, model_input, timestep, negative_prompt_embeds, fps_embeds, "uncond"
+                )
+                noise_pred = noise_uncond + params.guidance_scale * (noise_pred - noise_uncond)
 
-        for index in range(start, end):
-            if update_mask[index].item():
-                latents[:, :, index] = schedulers[index].step(
-                    noise_pred[:, :, index - start], t[index], latents[:, :, index], return_dict=False
-                )[0]
+            for index in range(start, end):
+                if update_mask[index].item():
+                    latents[:, :, index] = schedulers[index].step(
+                        noise_pred[:, :, index - start], t[index], latents[:, :, index], return_dict=False
+                    )[0]
     return latents[:, :, : segment.length]
 
 
@@ -181,6 +196,97 @@ def _predict(transformer, model_input, timestep, embeds, fps_embeds, branch: str
             fps=fps_embeds,
             return_dict=False,
         )[0]
+
+
+# Tokens of a window above which the CPU compiles flex attention too (4,096: 0.8 GB of uncompiled scores at 12 heads).
+COMPILE_ABOVE = 4096
+
+
+@contextmanager
+def block_causal_attention(
+    transformer: SkyReelsV2Transformer3DModel, causal_block_size: int, *, compile_above: int | None = COMPILE_ABOVE
+) -> Iterator[None]:
+    """The transformer's self-attention, for the forward passes inside, lets a token see its own causal block of
+    latent frames and those before it, as SkyReels' asynchronous diffusion forcing wants.
+
+    diffusers' transformer does this with a dense boolean mask over every pair of tokens, built in each forward (8 GB
+    for a 97-frame 720P window), which only mask-taking kernels accept. Here its `num_frame_per_block` stays 1, so it
+    builds none, and each block's self-attention gets a flex-attention BlockMask instead (a few KB: a bit per pair of
+    128-token tiles), through diffusers' flex backend, as its AnyFlow FAR model does. The self-attention is compiled
+    off the CPU and, on the CPU, for windows above `compile_above` tokens (None: never): uncompiled, flex attention
+    keeps every score of every head (at 14,400 tokens more than 23 GiB, bench/attention_mask.py), and on small
+    windows compiling costs more than it saves. A video split over ranks keeps the dense mask: diffusers' flex
+    backend has no context parallelism."""
+    split = transformer._parallel_config is not None
+    transformer._set_ar_attention(causal_block_size if split else 1)
+    if causal_block_size == 1 or split:
+        yield
+        return
+    patch_frames, patch_height, patch_width = transformer.config.patch_size
+    current: dict[str, BlockMask] = {}
+
+    def build_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        frames, height, width = kwargs["hidden_states"].shape[2:]
+        frames //= patch_frames
+        tokens = frames * (height // patch_height) * (width // patch_width)
+        current["mask"] = causal_block_mask(
+            tokens, tokens // frames * causal_block_size, kwargs["hidden_states"].device
+        )
+        if compile_above is not None and (transformer.device.type != "cpu" or tokens > compile_above):
+            for block in transformer.blocks:  # once; a block compiled by --compile compiles its attention with it
+                if block._compiled_call_impl is None and block.attn1._compiled_call_impl is None:
+                    block.attn1.compile()
+
+    def give_mask(block: torch.nn.Module, args: tuple) -> tuple:
+        return (*args[:4], current["mask"], *args[5:])  # forward(hidden, encoder_hidden, temb, rotary, mask)
+
+    backends = [(block.attn1, block.attn1.processor._attention_backend) for block in transformer.blocks]
+    hooks = [transformer.register_forward_pre_hook(build_mask, with_kwargs=True)]
+    for block in transformer.blocks:
+        hooks.append(block.register_forward_pre_hook(give_mask))
+        block.attn1.set_attention_backend("flex")
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for attention, backend in backends:
+            attention.processor._attention_backend = backend
+
+
+@lru_cache(maxsize=8)
+def causal_block_mask(tokens: int, tokens_per_block: int, device: torch.device) -> BlockMask:
+    """Token q attends token k when k's causal block is not after q's."""
+
+    def mask_mod(batch, head, query, key):
+        return query // tokens_per_block >= key // tokens_per_block
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=tokens, KV_LEN=tokens, device=device, _compile=False)
+
+
+def register_cache_blocks() -> None:
+    """Lets FirstBlockCache (and MagCache) hook SkyReels-V2's blocks: their forward returns the hidden states alone."""
+    TransformerBlockRegistry.register(
+        SkyReelsV2TransformerBlock,
+        TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
+    )
+
+
+def use_step_cache(transformer: SkyReelsV2Transformer3DModel, config: CacheConfig | None) -> None:
+    """The row's step cache on the transformer (None: none), in place of the last row's if it differs."""
+    if transformer._cache_config == config:
+        return
+    if transformer.is_cache_enabled:
+        transformer.disable_cache()
+    if config is not None:
+        register_cache_blocks()
+        transformer.enable_cache(config)
+
+
+def reset_step_cache(transformer: SkyReelsV2Transformer3DModel) -> None:
+    """A new window starts a new sampling run: nothing a hook kept from the last one carries over."""
+    if transformer.is_cache_enabled:
+        transformer._reset_stateful_cache()
 
 
 def enable_sequence_parallel(transformer: SkyReelsV2Transformer3DModel, ranks: int, device: str) -> None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from skyreels_batch.models import ModelCard
 from skyreels_batch.plan import TEMPORAL_FACTOR, VideoPlan, plan_video
+from skyreels_batch.step_cache import parse_cache
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 Mode = Literal["t2v", "i2v", "flf2v", "v2v"]
@@ -81,6 +82,11 @@ class ManifestRow(BaseModel):
     segment_prompts: list[str] | None = Field(
         default=None, min_length=1, description="Prompt travel: segment k uses prompt k, the last one repeating."
     )
+    cache: str | None = Field(
+        default=None,
+        description="Step cache: `first_block:THRESHOLD` (diffusers' FirstBlockCache, e.g. 0.1) or "
+        "`taylorseer:INTERVAL` (TaylorSeer lite, e.g. 4); empty: none. See docs/performance.md.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -95,6 +101,14 @@ class ManifestRow(BaseModel):
         if not value.strip():
             raise ValueError("must not be blank")
         return value
+
+    @field_validator("cache")
+    @classmethod
+    def _a_cache_diffusers_applies(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            parse_cache(value)  # its ValueError says what is accepted
+            return value.strip()
+        return None
 
     @field_validator("segment_prompts")
     @classmethod
@@ -133,6 +147,8 @@ class RenderParams(BaseModel):
     lora: str | None
     lora_scale: float
     model: str
+    # Left out of the JSON when unset, so rows without a cache keep the request hash they had before the column.
+    cache: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
     def prompt_for(self, segment_index: int) -> str:
         if not self.segment_prompts:
@@ -203,6 +219,7 @@ def resolve(raw: dict[str, Any], card: ModelCard, *, max_frames: int) -> RenderP
         lora=row.lora,
         lora_scale=1.0 if row.lora_scale is None else row.lora_scale,
         model=card.name,
+        cache=row.cache,
     )
     _check_against_card(params, card, max_frames, label)
     return params

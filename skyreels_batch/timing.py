@@ -29,3 +29,23 @@ class ForwardTimer:
     def _stop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self._sync()
         self.seconds += time.perf_counter() - self._started
+
+
+class PassCounter:
+    """Counts the transformer's forward passes and those that ran its last block: a pass a step cache skipped
+    (FirstBlockCache past the first block, TaylorSeer predicting the output) never reaches it."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.passes = self.full = 0
+        transformer.register_forward_pre_hook(self._pass)
+        transformer.blocks[-1].attn1.register_forward_pre_hook(self._full)
+
+    @property
+    def skipped(self) -> int:
+        return self.passes - self.full
+
+    def _pass(self, module: torch.nn.Module, args: Any) -> None:
+        self.passes += 1
+
+    def _full(self, module: torch.nn.Module, args: Any) -> None:
+        self.full += 1

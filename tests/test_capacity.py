@@ -138,22 +138,28 @@ def test_the_door_reads_the_transformers_heads_for_gpus_per_video(tmp_path: Path
         check_ranks(exported, 8)
 
 
-def test_a_backend_without_masks_fails_the_asynchronous_rows_at_validation(tmp_path: Path) -> None:
+def test_a_backend_without_masks_fails_the_asynchronous_rows_of_split_videos_only(tmp_path: Path) -> None:
+    """One rank attends through flex attention's BlockMask whatever the backend; ranks of a split video attend through
+    the dense mask, which flash does not take."""
     assert [takes_attention_mask(name) for name in ("flash", "_flash_3", "sage")] == [False] * 3
     assert [takes_attention_mask(name) for name in ("native", "_native_math", "flex")] == [True] * 3
+    size = {"height": 32, "width": 48}
     rows = [
-        {"id": "sync", "prompt": "a harbour", "num_frames": 37, "base_num_frames": 37, "height": 32, "width": 48},
-        {"id": "async", "prompt": "a harbour", "num_frames": 37, "ar_step": 5, "causal_block_size": 5},
+        {"id": "sync", "prompt": "a harbour", "num_frames": 37, "base_num_frames": 37, **size},
+        {"id": "async", "prompt": "a harbour", "num_frames": 37, "ar_step": 5, "causal_block_size": 5, **size},
     ]
     manifest = str(write_manifest(tmp_path / "m.parquet", rows))
-    config = job_config(build_parser().parse_args([manifest, "--attention-backend", "flash"]))
-    lines = {line.get("id"): line for line in plan_job(config)}
+    one_rank = job_config(build_parser().parse_args([manifest, "--attention-backend", "flash"]))
+    assert all("error" not in line for line in plan_job(one_rank))
+    split = job_config(build_parser().parse_args([manifest, "--attention-backend", "flash", "--gpus-per-video", "2"]))
+    lines = {line.get("id"): line for line in plan_job(split)}
     assert "error" not in lines["sync"]
     assert lines["async"]["error"] == (
-        "row 'async': causal_block_size: 5 makes the transformer attend with a mask, which --attention-backend flash "
-        "does not take; use causal_block_size 1, or a backend that takes a mask (native, flex, ...)"
+        "row 'async': causal_block_size: 5 with --gpus-per-video 2 makes the transformer attend with a dense mask "
+        "(flex attention's BlockMask has no context parallelism), which --attention-backend flash does not take; use "
+        "causal_block_size 1, or a backend that takes a mask (native, ...)"
     )
-    native = job_config(build_parser().parse_args([manifest, "--attention-backend", "native"]))
+    native = job_config(build_parser().parse_args([manifest, "--attention-backend", "native", "--gpus-per-video", "2"]))
     assert all("error" not in line for line in plan_job(native))
 
 

@@ -51,6 +51,16 @@ def test_the_gpu_bench_runs_every_run_at_toy_size_without_ray(tmp_path: Path) ->
     for name in ("d:compile", "d:offload model", "d:offload group", "d:attention _native_math"):
         assert runs[name]["max_abs_diff_vs_default"] <= 2, runs[name]
     assert runs["e"]["seconds_per_prompt"] > 0
+    # f: the step caches; none skips nothing, every cache skips some of the ten steps' 20 passes.
+    assert runs["f:cache none"]["passes"] == 20 and runs["f:cache none"]["skipped"] == 0
+    assert all(runs[f"f:cache {spec}"]["skipped"] > 0 for spec in ("first_block:0.2", "taylorseer:4"))
+    # g: one asynchronous forward each way, its memory measured in its own process.
+    dense, blocked = runs["g:async 720P forward, dense"], runs["g:async 720P forward, block mask"]
+    assert (
+        dense["seconds"] > 0
+        and blocked["seconds"] > 0
+        and abs(blocked["mean_abs_out"] / dense["mean_abs_out"] - 1) < 1e-3
+    )
     # A backend that does not run here says why instead of stopping the bench.
     assert "not usable" in runs["d:attention sage"]["error"]
     assert "Self CPU" in (tmp_path / "profile.txt").read_text()

@@ -148,7 +148,10 @@ def test_asynchronous_diffusion_forcing_renders_diffusers_latents_and_frames(sta
         load_file(result["latents_uri"])["latents"], diffusers_video(pipe, row), rtol=1e-5, atol=1e-5
     )
     frames, _ = decode_mp4(result["uri"])
-    np.testing.assert_array_equal(frames, to_uint8(diffusers_video(pipe, row, output_type="np")[0]))
+    # diffusers attends through a dense mask, this job through flex attention's BlockMask: the same latents to float
+    # tolerance, so a few pixels round the other way.
+    difference = np.abs(frames.astype(int) - to_uint8(diffusers_video(pipe, row, output_type="np")[0]))
+    assert difference.max() <= 1 and np.count_nonzero(difference) < 1e-3 * difference.size
     synchronous = decode_mp4(render(stage, {**row, "id": "sync", "ar_step": 0, "causal_block_size": 1})["uri"])[0]
     assert not np.array_equal(frames, synchronous)  # the asynchronous schedule really ran
 

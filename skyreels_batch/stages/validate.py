@@ -45,7 +45,8 @@ class ValidateRows:
         self.max_frames = max_frames
         self.duplicate_ids = frozenset(duplicate_ids)
         self.ranks = ranks  # --gpus-per-video
-        self.maskless_backend = maskless_backend  # --attention-backend, when it takes no attention mask
+        # --attention-backend, when it takes no attention mask: a split video's asynchronous rows need one
+        self.maskless_backend = maskless_backend
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table([self.validate(raw) for raw in batch.to_pylist()], VALIDATED)
@@ -59,11 +60,17 @@ class ValidateRows:
             params = resolve(raw, self.card, max_frames=self.max_frames)
             if params.height is not None:  # rows sized by their image are fitted to the split when rendered
                 check_split(params.height, params.width, self.ranks, row_label(raw))
-            if self.maskless_backend and params.causal_block_size > 1:
+            if params.cache and self.ranks > 1:
                 raise RowError(
-                    f"{row_label(raw)}: causal_block_size: {params.causal_block_size} makes the transformer attend "
-                    f"with a mask, which --attention-backend {self.maskless_backend} does not take; use "
-                    "causal_block_size 1, or a backend that takes a mask (native, flex, ...)"
+                    f"{row_label(raw)}: cache: not with --gpus-per-video {self.ranks}: each rank would judge the "
+                    "skip on its own share of the tokens (FirstBlockCache) and ranks that disagree wait forever"
+                )
+            if self.maskless_backend and params.causal_block_size > 1 and self.ranks > 1:
+                raise RowError(
+                    f"{row_label(raw)}: causal_block_size: {params.causal_block_size} with --gpus-per-video "
+                    f"{self.ranks} makes the transformer attend with a dense mask (flex attention's BlockMask has no "
+                    f"context parallelism), which --attention-backend {self.maskless_backend} does not take; use "
+                    "causal_block_size 1, or a backend that takes a mask (native, ...)"
                 )
         except RowError as error:
             return {"id": shown_id, "error": str(error)}
