@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,8 @@ def run_job(manifest: Path, output: Path, *, model: str, workers: int, longest_f
         "wall_s": wall,
         "videos": len(index),
         "transformer_s": float(index.transformer_s.sum()),
+        "decode_s": float(index.decode_s.sum()),
+        "persist_wait_s": float(index.persist_wait_s.sum()),
         "busy_s": float(index.render_s.sum()),
         "pool_s": span * workers,  # the pool's time from the first render's start to the last one's end
         "phase_s": span,
@@ -111,3 +114,11 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def finish(name: str, rows: list[dict], command: str, **details: object) -> None:
+    """Print the table and write bench/results/<name>.json: this CPU machine, the command, the rows."""
+    print_table(rows)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU only"
+    path = save(name, {"machine": machine, **details, "command": command, "rows": rows})
+    print(f"wrote {path}")

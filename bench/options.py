@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -84,18 +83,10 @@ def main() -> None:
             }
         )
         print(f"done: {table[-1]['options']}", flush=True)
-    common.print_table(table)
-    path = common.save(
-        "options",
-        {
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
-            "model": args.model,
-            "command": f"python bench/options.py --videos {args.videos} --model {args.model} "
-            f"--backends {' '.join(args.backends)}",
-            "rows": table,
-        },
+    command = (
+        f"python bench/options.py --videos {args.videos} --model {args.model} --backends {' '.join(args.backends)}"
     )
-    print(f"wrote {path}")
+    common.finish("options", table, command, model=args.model)
 
 
 if __name__ == "__main__":

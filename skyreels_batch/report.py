@@ -58,10 +58,13 @@ def report(frame: pd.DataFrame) -> str:
         ended = timed.render_started + pd.to_timedelta(timed.render_s + timed.encode_s.fillna(0), unit="s")
         hours = max((ended.max() - timed.render_started.min()).total_seconds() / 3600, 1e-9)
         render_hours = timed.render_s.sum() / 3600
-        share = timed.transformer_s.sum() / timed.render_s.sum() if timed.render_s.sum() else 0.0
+        busy = timed.render_s.sum() or 1.0
+        share = timed.transformer_s.sum() / busy
+        decode, waited = timed.decode_s.fillna(0).sum() / busy, timed.persist_wait_s.fillna(0).sum() / busy
         lines += [
             f"videos per hour: {len(timed) / hours:,.1f} (over {_duration(hours * 3600)} of wall time)",
-            f"GPU-hours (render actor time): {render_hours:,.3f}; the transformer's share: {share:.0%}",
+            f"GPU-hours (render actor time): {render_hours:,.3f}; the transformer's share: {share:.0%}, "
+            f"decoding {decode:.0%}, waiting for storage {waited:.0%}, the rest {1 - share - decode - waited:.0%}",
             "",
             "seconds per video by model, mode and size:",
             timed.groupby(["model", "mode", "size"])

@@ -66,6 +66,8 @@ RESULTS = pa.schema(
         ("render_started", pa.timestamp("ms", tz="UTC")),
         ("render_s", pa.float64()),
         ("transformer_s", pa.float64()),
+        ("decode_s", pa.float64()),
+        ("persist_wait_s", pa.float64()),
         ("encode_s", pa.float64()),
         *quality.COLUMNS,
     ]

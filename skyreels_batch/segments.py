@@ -2,15 +2,20 @@
 
 Per segment k: `<k>.npy` (the uint8 frames it adds) then `<k>.safetensors` (its window's latents and the
 random generator's state after it). The latents file is written last and marks the segment done, so a crash
-costs at most the segment in flight. A v2v video's clip is `clip.npy`, its first frames. `params.json` records
+costs at most the segments in flight. A v2v video's clip is `clip.npy`, its first frames. `params.json` records
 what the segments were rendered for: segments of a row whose parameters have since changed are discarded,
 never mixed in.
+
+`SegmentSaver` writes them on a background thread, so a segment's upload overlaps the next one's denoising.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -99,3 +104,50 @@ def _read_text(uri: str) -> str | None:
         return storage.read_bytes(uri).decode()
     except FileNotFoundError:
         return None
+
+
+class SegmentSaver:
+    """Persists a video's segments on one background thread while the render thread denoises the next: at most
+    one segment is being written while the next is rendered, so memory holds two segments' frames at most.
+
+    A segment counts as done only once its files are committed: `on_saved(count)` (progress, and whether the
+    video may go on) is called then, from the saver's thread. A kill loses the segment being written as well as
+    the one being denoised; a stop loses neither (`close` waits for the writes). `waited_s` is the time the render
+    thread spent waiting for storage.
+    """
+
+    def __init__(self, store: SegmentStore, on_saved: Callable[[int], bool], *, saved: int = 0) -> None:
+        self.store = store
+        self.on_saved = on_saved
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="segment-saver")
+        self.writing: deque[Future] = deque()
+        self.saved = saved  # segments committed, counted from the video's first (an earlier run's included)
+        self.may_go_on = True
+        self.waited_s = 0.0
+
+    def save(self, index: int, frames: np.ndarray, window: torch.Tensor, generator_state: torch.Tensor) -> None:
+        """Hand segment `index` over; waits first for the segment before it, if it is still being written."""
+        self._wait()
+        # A copy, made here: the render thread may reuse the tensor, and on a GPU the copy waits for its kernels.
+        window = window.detach().to("cpu", torch.float32, copy=True)
+        self.writing.append(self.executor.submit(self._save, index, frames, window, generator_state))
+
+    def close(self) -> None:
+        """Wait for every segment handed over; raise the first write that failed."""
+        try:
+            self._wait()
+        finally:
+            self.executor.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        started = time.perf_counter()
+        try:
+            while self.writing:
+                self.writing.popleft().result()
+        finally:
+            self.waited_s += time.perf_counter() - started
+
+    def _save(self, index: int, frames: np.ndarray, window: torch.Tensor, generator_state: torch.Tensor) -> None:
+        self.store.save(index, frames, window, generator_state)
+        self.saved = index + 1
+        self.may_go_on = self.on_saved(index + 1) and self.may_go_on

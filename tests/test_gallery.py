@@ -168,8 +168,8 @@ def test_the_report_arithmetic(tmp_path: Path) -> None:
     started = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
     rows = [
         {"id": f"v{k}", "status": "done", "render_started": started + timedelta(minutes=10 * k), "render_s": 60.0,
-         "transformer_s": 45.0, "encode_s": 0.0, "model": "m", "width": 48, "height": 32,
-         "params": json.dumps({"mode": "t2v"})}
+         "transformer_s": 45.0, "decode_s": 6.0, "persist_wait_s": 3.0, "encode_s": 0.0, "model": "m", "width": 48,
+         "height": 32, "params": json.dumps({"mode": "t2v"})}
         for k in range(4)
     ] + [
         {"id": "bad", "status": "failed", "error": "row 'bad': num_frames: must be 4k+1 (e.g. 17, 97), got 10"},
@@ -182,7 +182,8 @@ def test_the_report_arithmetic(tmp_path: Path) -> None:
     assert "rows 6: 4 done, 2 failed" in printed
     assert "failed, num_frames: 1" in printed and "failed, lost (gave up after retries): 1" in printed
     assert "videos per hour: 7.7 (over 31.0 min of wall time)" in printed  # 4 videos from 12:00 to 12:31
-    assert "GPU-hours (render actor time): 0.067; the transformer's share: 75%" in printed
+    assert "GPU-hours (render actor time): 0.067; the transformer's share: 75%, decoding 10%, " in printed
+    assert "waiting for storage 5%, the rest 10%" in printed
 
 
 def test_the_gallery_follows_the_index_as_a_run_goes(tmp_path: Path) -> None:

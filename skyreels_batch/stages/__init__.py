@@ -40,6 +40,8 @@ RENDERED = pa.schema(
         pa.field("render_started", pa.timestamp("ms", tz="UTC")),
         pa.field("render_s", pa.float64()),
         pa.field("transformer_s", pa.float64()),
+        pa.field("decode_s", pa.float64()),
+        pa.field("persist_wait_s", pa.float64()),
     ]
 )
 WRITTEN = pa.schema(

@@ -16,7 +16,7 @@ from skyreels_batch.models import ModelCard
 from skyreels_batch.pipelines import ModelLoad
 from skyreels_batch.results import columns_of, committed
 from skyreels_batch.schema import RenderParams, plan_for
-from skyreels_batch.segments import SegmentStore
+from skyreels_batch.segments import SegmentSaver, SegmentStore
 from skyreels_batch.stages import RENDERED, TorchRowStage
 from skyreels_batch.timing import ForwardTimer
 from skyreels_batch.video import to_uint8
@@ -121,15 +121,23 @@ class RenderVideos(TorchRowStage):
                 decoder.skip(window[:, :, 0 if segment.index == 0 else segment.overlap :])
 
         video = self.group.begin(params, conditioning, previous, generator_state)
-        for segment in plan.segments[resumed:]:
-            window = self.group.denoise(segment.index)
-            if segment.index == 0 and segment.overlap:  # v2v: the clip's latents lead into the new frames
-                decoder.skip(window[:, :, : segment.overlap])
-            frames = to_uint8(decoder.decode(window[:, :, segment.overlap :]))
-            store.save(segment.index, frames, window, video.generator.get_state())
-            may_go_on = segments_done(self.control, params.id, segment.index + 1)
-            if not may_go_on and segment.index < len(plan.segments) - 1:
-                return {"stopped": True, "render_started": started_at}
+        saver = SegmentSaver(store, lambda count: segments_done(self.control, params.id, count), saved=resumed)
+        decode_s = 0.0
+        try:
+            for segment in plan.segments[resumed:]:
+                if not saver.may_go_on:  # stopping: the segments before are persisted, the next run goes on
+                    break
+                window = self.group.denoise(segment.index)
+                decode_started = time.perf_counter()
+                if segment.index == 0 and segment.overlap:  # v2v: the clip's latents lead into the new frames
+                    decoder.skip(window[:, :, : segment.overlap])
+                frames = to_uint8(decoder.decode(window[:, :, segment.overlap :]))
+                decode_s += time.perf_counter() - decode_started
+                saver.save(segment.index, frames, window, video.generator.get_state())
+        finally:
+            saver.close()
+        if saver.saved < len(plan.segments):
+            return {"stopped": True, "render_started": started_at}
         return {
             "params": params.model_dump_json(),
             "num_segments": len(plan.segments),
@@ -137,4 +145,6 @@ class RenderVideos(TorchRowStage):
             "render_started": started_at,
             "render_s": time.perf_counter() - started,
             "transformer_s": self.transformer_timer.seconds - transformer_before,
+            "decode_s": decode_s,
+            "persist_wait_s": saver.waited_s,
         }
