@@ -2,15 +2,15 @@
 one transformer forward of the real SkyReels-V2 1.3B configuration cut to `--layers` blocks (random weights, built
 in code), at a 720P frame size, with causal blocks of 5 latent frames (of half the window below 10).
 
-    python bench/attention_mask.py [--latent-frames 4 --height 720 --width 1280 --layers 1]
+    python bench/attention_mask.py [--latent-frames 10 --height 720 --width 1280 --layers 1]
 
 Paths: `dense` (diffusers: `num_frame_per_block` set, the forward builds the [1, 1, L, L] mask), `block mask`
 (`block_causal_attention` as a render runs it: flex attention, its self-attention compiled off the CPU and above
 4,096 tokens on it) and `block mask, uncompiled` (flex attention never compiled: why the job compiles it). Each
 path runs in a fresh process: seconds of one forward after a warm-up (which pays the compile), and peak memory:
-the process's peak RSS less its RSS before the forward on the CPU, `max_memory_allocated` on CUDA. The CPU
-default is a 4-latent-frame window (14,400 tokens, two causal blocks), not the 25 of a 97-frame window (90,000
-tokens, whose dense mask is 8.1 GB): an hour a forward on two cores. bench/gpu.py runs the whole window.
+on the CPU the peak RSS (reset after the warm-up) less the RSS before the forward, on CUDA `max_memory_allocated`.
+The CPU default is a 10-latent-frame window (36,000 tokens, two causal blocks of 5), not the 25 of a 97-frame
+window (90,000 tokens, whose dense mask is 8.1 GB): too slow on two cores. bench/gpu.py runs the whole window.
 
 Prints a table and writes bench/results/attention_mask.json (`--out` elsewhere).
 """
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -70,16 +69,13 @@ def forward_once(path: str, *, latent_frames: int, height: int, width: int, laye
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM): the warm-up's compile is not in it
         before = rss_bytes()
     started = time.perf_counter()
     output = run()
     sync()
     seconds = time.perf_counter() - started
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     checksum = float(output.float().abs().mean())
     return {"seconds": seconds, "warm_up_s": warm_up, "peak_gib": (peak - before) / 2**30, "mean_abs_out": checksum}
 
@@ -87,6 +83,12 @@ def forward_once(path: str, *, latent_frames: int, height: int, width: int, laye
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak RSS since the last reset (VmHWM, in kB in /proc/self/status)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
 
 
 def measure(path: str, args: argparse.Namespace, device: str) -> dict:
@@ -122,7 +124,7 @@ def table_rows(args: argparse.Namespace, device: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latent-frames", type=int, default=4, help="latent frames of the window (97 frames: 25)")
+    parser.add_argument("--latent-frames", type=int, default=10, help="latent frames of the window (97 frames: 25)")
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--layers", type=int, default=1, help="transformer blocks of the 1.3B configuration")

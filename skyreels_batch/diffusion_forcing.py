@@ -214,7 +214,7 @@ def block_causal_attention(
     builds none, and each block's self-attention gets a flex-attention BlockMask instead (a few KB: a bit per pair of
     128-token tiles), through diffusers' flex backend, as its AnyFlow FAR model does. The self-attention is compiled
     off the CPU and, on the CPU, for windows above `compile_above` tokens (None: never): uncompiled, flex attention
-    keeps every score of every head (at 14,400 tokens more than 23 GiB, bench/attention_mask.py), and on small
+    keeps every score of every head (62 GB at 36,000 tokens, bench/attention_mask.py), and on small
     windows compiling costs more than it saves. A video split over ranks keeps the dense mask: diffusers' flex
     backend has no context parallelism."""
     split = transformer._parallel_config is not None
