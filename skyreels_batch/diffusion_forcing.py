@@ -53,7 +53,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2TransformerBlock
 from diffusers.utils.torch_utils import randn_tensor
 from torch.distributed.device_mesh import init_device_mesh
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 
 from skyreels_batch.plan import Segment, VideoPlan
 from skyreels_batch.schema import RenderParams
@@ -211,12 +211,12 @@ def block_causal_attention(
 
     diffusers' transformer does this with a dense boolean mask over every pair of tokens, built in each forward (8 GB
     for a 97-frame 720P window), which only mask-taking kernels accept. Here its `num_frame_per_block` stays 1, so it
-    builds none, and each block's self-attention gets a flex-attention BlockMask instead (a few KB: a bit per pair of
-    128-token tiles), through diffusers' flex backend, as its AnyFlow FAR model does. The self-attention is compiled
+    builds none, and each block's self-attention gets a flex-attention BlockMask instead (a few MB: which 128-token
+    tiles to visit), through diffusers' flex backend, as its AnyFlow FAR model does. The self-attention is compiled
     off the CPU and, on the CPU, for windows above `compile_above` tokens (None: never): uncompiled, flex attention
-    keeps every score of every head (62 GB at 36,000 tokens, bench/attention_mask.py), and on small
-    windows compiling costs more than it saves. A video split over ranks keeps the dense mask: diffusers' flex
-    backend has no context parallelism."""
+    keeps every score of every head (62 GB at 36,000 tokens, bench/attention_mask.py), and on small windows
+    compiling costs more than it saves. A video split over ranks keeps the dense mask: diffusers' flex backend has
+    no context parallelism."""
     split = transformer._parallel_config is not None
     transformer._set_ar_attention(causal_block_size if split else 1)
     if causal_block_size == 1 or split:
@@ -256,12 +256,35 @@ def block_causal_attention(
 
 @lru_cache(maxsize=8)
 def causal_block_mask(tokens: int, tokens_per_block: int, device: torch.device) -> BlockMask:
-    """Token q attends token k when k's causal block is not after q's."""
+    """Token q attends token k when k's causal block is not after q's. Built tile by tile (128 x 128 tokens), from
+    where each tile's first and last tokens fall: `create_block_mask` would evaluate the rule on every pair of tokens,
+    65 GB of int64 at a 97-frame 720P window, the very cost the BlockMask is there to avoid."""
 
     def mask_mod(batch, head, query, key):
         return query // tokens_per_block >= key // tokens_per_block
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=tokens, KV_LEN=tokens, device=device, _compile=False)
+    tile = _DEFAULT_SPARSE_BLOCK_SIZE
+    starts = torch.arange(0, tokens, tile)
+    first, last = starts // tokens_per_block, (torch.clamp(starts + tile, max=tokens) - 1) // tokens_per_block
+    full = last[None, :] <= first[:, None]  # [query tile, key tile]: every key's block at or before every query's
+    if tokens % tile:  # tiles running past the end are never full, as create_block_mask has them
+        full[-1, :] = full[:, -1] = False
+    partial = (first[None, :] <= last[:, None]) & ~full  # some pairs of the tile are allowed, not all
+
+    def packed(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.argsort((~tiles).to(torch.uint8), dim=-1, stable=True)  # the tiles that count first, in order
+        return tiles.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    (counts, indices), (full_counts, full_indices) = packed(partial), packed(full)
+    return BlockMask.from_kv_blocks(
+        counts.to(device),
+        indices.to(device),
+        full_counts.to(device),
+        full_indices.to(device),
+        BLOCK_SIZE=tile,
+        mask_mod=mask_mod,
+        seq_lengths=(tokens, tokens),
+    )
 
 
 def register_cache_blocks() -> None:

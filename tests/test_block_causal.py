@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import SkyReelsV2Transformer3DModel
+from torch.nn.attention.flex_attention import create_block_mask
 
 from skyreels_batch.diffusion_forcing import block_causal_attention, causal_block_mask
 from skyreels_batch.embedded import materialize
@@ -43,11 +44,30 @@ def test_the_block_mask_forward_equals_diffusers_dense_mask(transformer, frames:
     assert all(block.attn1.processor._attention_backend is None for block in transformer.blocks)
 
 
-def test_the_block_mask_lets_a_token_see_its_block_and_the_ones_before() -> None:
-    mask = causal_block_mask(tokens=6 * 4, tokens_per_block=2 * 4, device=torch.device("cpu"))  # 6 frames of 4
-    dense = mask.to_dense()  # [1, 1, tiles, tiles]: one tile of 128 tokens here, partly allowed
-    assert dense.shape[-1] == 1 and int(dense.sum()) == 1
-    query, key = torch.arange(24).view(-1, 1), torch.arange(24).view(1, -1)
-    allowed = mask.mask_mod(0, 0, query, key)
-    expected = (query // 8) >= (key // 8)
-    assert torch.equal(allowed, expected) and int(allowed.sum()) == 8 * 8 * (1 + 2 + 3)
+@pytest.mark.parametrize("tokens, tokens_per_block", [(24, 8), (300, 90), (1000, 128), (2561, 300), (4000, 1000)])
+def test_the_block_mask_built_tile_by_tile_is_create_block_masks(tokens: int, tokens_per_block: int) -> None:
+    """The same tiles, full and partial, as torch's create_block_mask, which evaluates every pair of tokens to find
+    them (65 GB at a 97-frame 720P window); blocks that end inside a tile, and sequences that end inside one."""
+    ours = causal_block_mask(tokens, tokens_per_block, torch.device("cpu"))
+    reference = create_block_mask(
+        lambda batch, head, query, key: query // tokens_per_block >= key // tokens_per_block,
+        None,
+        None,
+        tokens,
+        tokens,
+        device="cpu",
+        _compile=False,
+    )
+    for counts, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        assert torch.equal(getattr(ours, counts), getattr(reference, counts))
+        for row, count in enumerate(getattr(ours, counts).flatten().tolist()):
+            mine, theirs = getattr(ours, indices)[0, 0, row, :count], getattr(reference, indices)[0, 0, row, :count]
+            assert torch.equal(mine.sort().values, theirs.sort().values)
+    query, key = torch.arange(tokens).view(-1, 1), torch.arange(tokens).view(1, -1)
+    assert torch.equal(ours.mask_mod(0, 0, query, key), (query // tokens_per_block) >= (key // tokens_per_block))
+
+
+def test_the_block_mask_of_a_720p_window_takes_megabytes() -> None:
+    mask = causal_block_mask(25 * 45 * 80, 5 * 45 * 80, torch.device("cpu"))  # 97 frames at 720P: 90,000 tokens
+    size = sum(part.numel() * part.element_size() for part in mask.as_tuple() if isinstance(part, torch.Tensor))
+    assert size < 16 * 2**20  # the dense mask: 8.1 GB
