@@ -401,7 +401,8 @@ def _validation(config: JobConfig) -> dict:
     """What row validation needs of the job config, beside the model card."""
     backend = config.pipeline.attention_backend
     maskless = backend if backend is not None and not takes_attention_mask(backend) else None
-    return dict(max_frames=config.max_frames, ranks=config.gpus_per_video, maskless_backend=maskless)
+    ranks, compiled = config.gpus_per_video, config.pipeline.compile
+    return dict(max_frames=config.max_frames, ranks=ranks, maskless_backend=maskless, compiled=compiled)
 
 
 def placement_watch(resources: Resources, capacity: Capacity, placements: str) -> PlacementWatch:

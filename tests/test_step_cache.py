@@ -11,9 +11,12 @@ import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline
 from safetensors.torch import load_file
 
+from skyreels_batch.cli import build_parser, job_config
 from skyreels_batch.diffusion_forcing import use_step_cache
 from skyreels_batch.embedded import materialize
+from skyreels_batch.manifest import write_manifest
 from skyreels_batch.models import card_for
+from skyreels_batch.pipeline import plan_job
 from skyreels_batch.schema import RowError, resolve
 from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.validate import ValidateRows
@@ -64,6 +67,15 @@ def test_a_cache_with_a_split_video_is_refused_at_validation() -> None:
     row = {"id": "x", "prompt": "p", "cache": "first_block:0.1", "height": 32, "width": 64}
     error = ValidateRows(CARD, max_frames=97, ranks=2)(pa.Table.from_pylist([row])).column("error")[0].as_py()
     assert error.startswith("row 'x': cache: not with --gpus-per-video 2")
+
+
+def test_a_cache_with_compiled_blocks_is_refused_at_validation(tmp_path: Path) -> None:
+    """diffusers' hooks cannot run inside a block compiled with fullgraph (tried: FirstBlockCache fails on a hasattr,
+    TaylorSeer on its torch.compiler.disable'd step count), so a job with --compile refuses cached rows."""
+    rows = [{"id": "x", "prompt": "p", "cache": "first_block:0.1"}, {"id": "y", "prompt": "p"}]
+    manifest = str(write_manifest(tmp_path / "m.parquet", rows))
+    lines = {line.get("id"): line for line in plan_job(job_config(build_parser().parse_args([manifest, "--compile"])))}
+    assert lines["x"]["error"].startswith("row 'x': cache: not with --compile") and "error" not in lines["y"]
 
 
 def test_rows_without_a_cache_keep_their_request_json() -> None:

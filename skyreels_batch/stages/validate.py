@@ -40,6 +40,7 @@ class ValidateRows:
         duplicate_ids: Collection[str] = (),
         ranks: int = 1,
         maskless_backend: str | None = None,
+        compiled: bool = False,
     ) -> None:
         self.card = card
         self.max_frames = max_frames
@@ -47,6 +48,7 @@ class ValidateRows:
         self.ranks = ranks  # --gpus-per-video
         # --attention-backend, when it takes no attention mask: a split video's asynchronous rows need one
         self.maskless_backend = maskless_backend
+        self.compiled = compiled  # --compile
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table([self.validate(raw) for raw in batch.to_pylist()], VALIDATED)
@@ -64,6 +66,11 @@ class ValidateRows:
                 raise RowError(
                     f"{row_label(raw)}: cache: not with --gpus-per-video {self.ranks}: each rank would judge the "
                     "skip on its own share of the tokens (FirstBlockCache) and ranks that disagree wait forever"
+                )
+            if params.cache and self.compiled:
+                raise RowError(
+                    f"{row_label(raw)}: cache: not with --compile: diffusers' cache hooks decide between blocks, on "
+                    "the host, which a block compiled whole (fullgraph) cannot hold"
                 )
             if self.maskless_backend and params.causal_block_size > 1 and self.ranks > 1:
                 raise RowError(
