@@ -7,8 +7,8 @@ A step cache skips transformer work on denoising steps whose result it can predi
   and their last residual is reused. 0 never skips. ParaAttention suggests 0.05-0.2 on video models.
 - `taylorseer:INTERVAL` is diffusers' TaylorSeer in its lite form: after 3 full passes, one pass in INTERVAL runs
   the blocks and the others predict the output projection from a first-order Taylor expansion. The lite form keeps
-  only the projection's output per context; the full form keeps every attention output (for SkyReels-V2 1.3B at 540P
-  some 19 GB), which no video model can afford.
+  only the projection's output per context; the full form keeps two factors of every attention module's output per
+  context (SkyReels-V2 1.3B at 540P: 60 modules of 51,000 x 1,536, tens of GB), which no video model can afford.
 
 MagCache (`mag:`) is refused: its skipping follows magnitude ratios calibrated for one checkpoint at one step count
 (MagCacheConfig.mag_ratios, from a `calibrate=True` run of that model with real weights), and none are published
@@ -51,5 +51,5 @@ def parse_cache(spec: str) -> CacheConfig:
         return FirstBlockCacheConfig(threshold=number)
     if number < 1:
         raise ValueError(f"{spec!r}: the interval must be at least 1")
-    # float32 factors: only the projection's output is kept, a few MB, and bf16 would round its differences away.
+    # float32 factors: only the projection's output is kept (tens of MB), and bf16 would round its differences away.
     return TaylorSeerCacheConfig(cache_interval=number, use_lite_mode=True, taylor_factors_dtype=torch.float32)
