@@ -31,6 +31,7 @@ PATHS = ["dense", "block mask, uncompiled", "block mask"]
 
 def forward_once(path: str, *, latent_frames: int, height: int, width: int, layers: int, device: str) -> dict:
     """One path's forward: seconds after a warm-up, and its peak memory in GiB."""
+    import psutil
     import torch
     from diffusers import SkyReelsV2Transformer3DModel
 
@@ -70,7 +71,7 @@ def forward_once(path: str, *, latent_frames: int, height: int, width: int, laye
         before = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM): the warm-up's compile is not in it
-        before = rss_bytes()
+        before = psutil.Process().memory_info().rss
     started = time.perf_counter()
     output = run()
     sync()
@@ -78,11 +79,6 @@ def forward_once(path: str, *, latent_frames: int, height: int, width: int, laye
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     checksum = float(output.float().abs().mean())
     return {"seconds": seconds, "warm_up_s": warm_up, "peak_gib": (peak - before) / 2**30, "mean_abs_out": checksum}
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_rss_bytes() -> int:

@@ -4,6 +4,7 @@ latents to frames (`decode_s`), waiting for storage (`persist_wait_s`: segments 
 while the next is denoised) and the rest (prompt embeddings, inputs, control calls). The plain diffusers loop
 (bench/plain_loop.py) on the same manifest gives `x plain`.
 
+    pip install -e ".[bench]"    # imageio + imageio-ffmpeg: export_to_video's backend, for the plain loop
     python bench/render_time.py [--videos 12 --steps 4 16 --size 128 --frames 33 --model bench-df]
 
 Prints a table and writes bench/results/render_time.json.
