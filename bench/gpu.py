@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,14 +129,6 @@ def transformer_flops(config: dict, frames: int, height: int, width: int) -> flo
     return 2.0 * (config["num_layers"] * block + edges + text)
 
 
-class Counter:
-    """Forward passes of a module (hooks stay for the module's life; read the difference)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.calls = 0
-        module.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.size = TINY if args.tiny else FULL
@@ -144,7 +137,9 @@ class Bench:
         self.out = Path(args.out)
         self.work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
         self.threads = (os.cpu_count() or 1) if args.tiny else 4
-        self.counters: dict[int, Counter] = {}  # transformer forward passes, per render stage
+        # Transformer passes, per transformer (hooks stay for a module's life: read the difference). Keyed by the
+        # module itself, weakly: an id() of a freed stage is reused by the next one, whose passes would go uncounted.
+        self.counters: weakref.WeakKeyDictionary[torch.nn.Module, PassCounter] = weakref.WeakKeyDictionary()
         self.long_steps = args.long_steps or (self.size.steps if args.tiny else 10)
         self.budget_s = args.budget if args.budget is not None else (None if args.tiny else 420.0)
         self.started = time.perf_counter()
@@ -221,7 +216,7 @@ class Bench:
         pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(directory, vae=vae, dtype=dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         use_shift(pipe, self.card.defaults.shift)
-        counter, timer, spec = Counter(pipe.transformer), ForwardTimer(pipe.transformer), row(self.size, "a")
+        counter, timer, spec = PassCounter(pipe.transformer), ForwardTimer(pipe.transformer), row(self.size, "a")
         self.sync()
         started = time.perf_counter()
         video = pipe(
@@ -239,7 +234,7 @@ class Bench:
         seconds = time.perf_counter() - started
         self.reference = to_uint8(video)
         del pipe, vae
-        return self.with_flops(seconds, timer.seconds, counter.calls, self.size.frames)
+        return self.with_flops(seconds, timer.seconds, counter.passes, self.size.frames)
 
     def stages(self, options: PipelineOptions | None = None) -> tuple[EncodePrompts, RenderVideos]:
         card, output = self.card, str(self.work)
@@ -254,16 +249,17 @@ class Bench:
         """One row through validate -> encode -> render, as the job runs it; its frames, read back."""
         SegmentStore(str(self.work), spec["id"]).remove()
         validated = ValidateRows(self.card, max_frames=10_000)(pa.Table.from_pylist([spec]))
-        if id(render) not in self.counters:
-            self.counters[id(render)] = Counter(render.pipeline.transformer)
-        counter = self.counters[id(render)]
-        before = counter.calls
+        transformer = render.pipeline.transformer
+        if transformer not in self.counters:
+            self.counters[transformer] = PassCounter(transformer)
+        counter = self.counters[transformer]
+        before = counter.passes
         result = render(encoder(validated)).to_pylist()[0]
         if result["error"]:
             raise RuntimeError(result["error"])
         frames = np.stack(list(SegmentStore(str(self.work), spec["id"]).frames(result["num_segments"])))
         timing = self.with_flops(
-            result["render_s"], result["transformer_s"], counter.calls - before, spec["num_frames"]
+            result["render_s"], result["transformer_s"], counter.passes - before, spec["num_frames"]
         )
         return {**timing, "segments": result["num_segments"]}, frames
 
