@@ -35,8 +35,8 @@ def forward_once(path: str, *, latent_frames: int, height: int, width: int, laye
     import torch
     from diffusers import SkyReelsV2Transformer3DModel
 
-    from skyreels_batch.diffusion_forcing import COMPILE_ABOVE, block_causal_attention
     from skyreels_batch.models import card_for
+    from skyreels_batch.render.diffusion_forcing import COMPILE_ABOVE, block_causal_attention
 
     config = {**card_for("bench-1.3b").embedded["transformer"], "num_layers": layers}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -22,8 +22,8 @@ from pathlib import Path
 import common
 from browser import start_chromium
 
-from skyreels_batch.gallery import Gallery, data_dir
-from skyreels_batch.results import ResultsIndex
+from skyreels_batch.output.gallery import Gallery, data_dir
+from skyreels_batch.output.results import ResultsIndex
 
 PROMPT = "A slow aerial shot over a coastline at golden hour, waves breaking on rocks, seabirds, number {k}"
 TIMED = """
@@ -61,9 +61,10 @@ def index_rows(count: int):
 def measure(count: int, browser) -> dict:
     output = tempfile.mkdtemp(prefix=f"gallery-{count}-")
     started = time.perf_counter()
-    index = ResultsIndex(output, gallery=Gallery(output))
+    index = ResultsIndex(output)
     index.add(index_rows(count))
     index.close()
+    Gallery(output).follow(index, running=False)
     write_s = time.perf_counter() - started
     data_mb = sum(path.stat().st_size for path in Path(data_dir(output)).iterdir()) / 1e6
     started = time.perf_counter()

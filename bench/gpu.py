@@ -45,17 +45,17 @@ import torch
 from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.embedded import materialize
 from skyreels_batch.models import ModelCard, card_for
-from skyreels_batch.pipelines import encode_text, use_shift
+from skyreels_batch.models.embedded import materialize
+from skyreels_batch.output.video import to_uint8
 from skyreels_batch.plan import latent_frames
-from skyreels_batch.segments import SegmentStore
+from skyreels_batch.render.pipelines import encode_text, use_shift
+from skyreels_batch.render.segments import SegmentStore
+from skyreels_batch.render.timing import ForwardTimer, PassCounter
 from skyreels_batch.stages import RowStage
 from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
-from skyreels_batch.timing import ForwardTimer, PassCounter
-from skyreels_batch.video import to_uint8
 
 PROMPT = "A lighthouse on a rocky cliff at dusk, waves breaking below, the camera slowly orbiting in the wind"
 PROMPTS = [f"{PROMPT}, shot {number} of a travel film about the northern coast" for number in range(8)]

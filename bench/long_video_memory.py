@@ -75,9 +75,9 @@ def child(mode: str, row: dict) -> None:
     else:
         from diffusers import SkyReelsV2DiffusionForcingPipeline
 
-        from skyreels_batch.embedded import materialize
         from skyreels_batch.models import card_for
-        from skyreels_batch.video import to_uint8
+        from skyreels_batch.models.embedded import materialize
+        from skyreels_batch.output.video import to_uint8
 
         pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(materialize(card_for("tiny-df")))
         pipe.set_progress_bar_config(disable=True)

@@ -19,9 +19,9 @@ import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
 from diffusers.utils import export_to_video
 
-from skyreels_batch.embedded import materialize
 from skyreels_batch.models import card_for
-from skyreels_batch.timing import ForwardTimer
+from skyreels_batch.models.embedded import materialize
+from skyreels_batch.render.timing import ForwardTimer
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import print_table, save  # noqa: E402
 from skyreels_batch.models import card_for  # noqa: E402
-from skyreels_batch.quality import QualityMeter  # noqa: E402
+from skyreels_batch.output.quality import QualityMeter  # noqa: E402
+from skyreels_batch.render.segments import SegmentStore  # noqa: E402
 from skyreels_batch.schema import resolve  # noqa: E402
-from skyreels_batch.segments import SegmentStore  # noqa: E402
 from skyreels_batch.stages.write import WriteVideos  # noqa: E402
 
 SIZES = {"540P": (544, 960), "720P": (720, 1280)}

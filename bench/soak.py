@@ -29,7 +29,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO, RESULTS  # noqa: E402
-from skyreels_batch.manifest import write_manifest  # noqa: E402
+from skyreels_batch.job.manifest import write_manifest  # noqa: E402
 
 TINY = {"num_frames": 9, "height": 32, "width": 32, "num_inference_steps": 2}
 

@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from skyreels_batch.models import card_for
+from skyreels_batch.render.timing import PassCounter
 from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
-from skyreels_batch.timing import PassCounter
 
 CACHES = ["none", "first_block:0.05", "first_block:0.1", "first_block:0.2", "first_block:0.4", "taylorseer:2"]
 CACHES += ["taylorseer:4"]

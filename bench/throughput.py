@@ -22,7 +22,7 @@ from pathlib import Path
 
 import common
 
-from skyreels_batch.manifest import write_manifest
+from skyreels_batch.job.manifest import write_manifest
 
 
 def main() -> None:

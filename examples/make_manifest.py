@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from skyreels_batch.manifest import write_manifest
+from skyreels_batch.job.manifest import write_manifest
 
 ROWS = [
     {"id": "cat-baking", "prompt": "A cat and a dog baking a cake together in a sunny kitchen.", "seed": 42},

@@ -10,7 +10,7 @@ import sys
 # there even when it is not pip-installed on the cluster.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from skyreels_batch.cli import main  # noqa: E402
+from skyreels_batch.job.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

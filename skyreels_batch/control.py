@@ -21,7 +21,6 @@ from skyreels_batch import storage
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
-    from skyreels_batch.pipelines import ModelLoad
 
 ADMIT_POLL_S = 0.2
 # While a window is full, how often admission asks Ray which nodes are alive: a row held on a node that is gone (in a
@@ -224,6 +223,19 @@ def stored_here(control: ActorHandle | None, video_ids: list[str]) -> None:
         here = node_id()
         for video_id in video_ids:
             control.stored_on.remote(video_id, here)  # no wait: admission reads it only once the window is full
+
+
+@dataclasses.dataclass
+class ModelLoad:
+    """What an actor reports of its model load (`model_loaded`): where its time went, fetching the checkpoint
+    (object storage only), reading it, moving it to the device."""
+
+    stage: str  # "render" or "text"
+    rank: int = 0  # a render group's rank (--gpus-per-video)
+    fetch_s: float = 0.0
+    fetched_files: int = 0
+    read_s: float = 0.0
+    to_device_s: float = 0.0
 
 
 def model_loaded(control: ActorHandle | None, load: ModelLoad) -> None:

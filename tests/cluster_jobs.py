@@ -28,14 +28,15 @@ import yaml
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from skyreels_batch import cluster as cluster_module
-from skyreels_batch import progress
-from skyreels_batch.cli import main
-from skyreels_batch.config import SIMULATED_GPUS_ENV, JobConfig
-from skyreels_batch.embedded import export_embedded
+from skyreels_batch.config import JobConfig
+from skyreels_batch.job import cluster as cluster_module
+from skyreels_batch.job import progress
+from skyreels_batch.job.cli import main
+from skyreels_batch.job.pipeline import run_job
+from skyreels_batch.job.resources import SIMULATED_GPUS_ENV
 from skyreels_batch.models import card_for
-from skyreels_batch.pipeline import run_job
-from skyreels_batch.results import runs_dir
+from skyreels_batch.models.embedded import export_embedded
+from skyreels_batch.output.results import runs_dir
 from tests.conftest import REPO, write_manifest
 from tests.ray_head import free_port, ray_head
 
@@ -67,7 +68,10 @@ DEPLOY_ROWS = [{**LONG_ROW, "id": f"deploy-{seed}", "seed": seed, "num_frames": 
 
 def render_actors() -> list:
     actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-    return [actor for actor in actors if "RenderVideos" in (actor.class_name or "")]
+    # A render pool's actors, or a render group's rank 0 (its Ray Data actor is a RenderGroup, which renders nothing).
+    return [
+        actor for actor in actors if any(name in (actor.class_name or "") for name in ("RenderVideos", "GroupLeader"))
+    ]
 
 
 def alive_nodes() -> list[dict]:

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from skyreels_batch.manifest import write_manifest  # noqa: F401 - re-exported for the tests
-from skyreels_batch.results import RESULTS
+from skyreels_batch.job.manifest import write_manifest  # noqa: F401 - re-exported for the tests
+from skyreels_batch.output.results import RESULTS
+from skyreels_batch.output.video import encode_mp4
 from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos
-from skyreels_batch.video import encode_mp4
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "renders"

@@ -9,13 +9,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -112,3 +116,19 @@ def _stop(process: subprocess.Popen, temp_dir: str) -> None:
     stop_processes_under(temp_dir)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def run_with_own_ray(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A Python process that starts a local Ray of its own (stopped afterwards), its stdout and stderr captured."""
+    ray_tmp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        return subprocess.run(
+            [sys.executable, *command],
+            cwd=REPO_ROOT,
+            env={**os.environ, **(env or {}), "RAY_TMPDIR": ray_tmp},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        stop_processes_under(ray_tmp)

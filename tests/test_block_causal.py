@@ -8,9 +8,9 @@ import torch
 from diffusers import SkyReelsV2Transformer3DModel
 from torch.nn.attention.flex_attention import create_block_mask
 
-from skyreels_batch.diffusion_forcing import block_causal_attention, causal_block_mask
-from skyreels_batch.embedded import materialize
 from skyreels_batch.models import card_for
+from skyreels_batch.models.embedded import materialize
+from skyreels_batch.render.diffusion_forcing import block_causal_attention, causal_block_mask
 
 
 @pytest.fixture(scope="module")

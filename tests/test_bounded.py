@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from skyreels_batch.config import JobConfig
-from skyreels_batch.pipeline import run_job
+from skyreels_batch.job.pipeline import run_job
 from tests.conftest import write_manifest
 
 pytestmark = pytest.mark.slow

@@ -12,13 +12,14 @@ import pytest
 import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
-from skyreels_batch.cli import build_parser, job_config, main
-from skyreels_batch.cluster import HEAD, Capacity, NodeType, node_types_of, read_capacity
-from skyreels_batch.config import JobConfig, JobRefused, check_placeable, plan_resources
-from skyreels_batch.diffusion_forcing import takes_attention_mask
-from skyreels_batch.embedded import export_embedded
-from skyreels_batch.models import attention_heads, card_for, check_ranks
-from skyreels_batch.pipeline import plan_job
+from skyreels_batch.config import JobConfig, JobRefused
+from skyreels_batch.job.cli import build_parser, job_config, main
+from skyreels_batch.job.cluster import HEAD, Capacity, NodeType, node_types_of, read_capacity
+from skyreels_batch.job.resources import check_placeable, check_ranks, plan_resources
+from skyreels_batch.job.work import plan_job
+from skyreels_batch.models import attention_heads, card_for
+from skyreels_batch.models.embedded import export_embedded
+from skyreels_batch.render.diffusion_forcing import takes_attention_mask
 from tests.conftest import REPO, write_manifest
 
 HEAD_NODE = {"CPU": 2.0, HEAD: 1.0, "memory": 8e9, "node:10.0.0.1": 1.0}

@@ -20,12 +20,12 @@ import pytest
 import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline
 
-from skyreels_batch.checkpoints import fetch_checkpoint
-from skyreels_batch.cli import main
 from skyreels_batch.config import JobConfig
-from skyreels_batch.embedded import materialize
+from skyreels_batch.job.cli import main
+from skyreels_batch.job.pipeline import run_job
 from skyreels_batch.models import card_for
-from skyreels_batch.pipeline import run_job
+from skyreels_batch.models.checkpoints import fetch_checkpoint
+from skyreels_batch.models.embedded import materialize
 from tests.conftest import BUCKET, REPO, write_manifest
 
 HUB_ID = "Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers"
@@ -173,7 +173,9 @@ def test_a_fetch_killed_midway_is_never_loaded_and_the_next_one_completes_it(s3_
     padding = os.urandom(96 << 20)  # a large file in the transformer's folder, so the fetch is killed inside it
     uri = upload(f"s3://{BUCKET}/models/killed", extra={"transformer/padding.dat": padding})
     cache = tmp_path / "cache"
-    fetch = f"from skyreels_batch.checkpoints import fetch_checkpoint; fetch_checkpoint({uri!r}, text_encoder=False)"
+    fetch = (
+        f"from skyreels_batch.models.checkpoints import fetch_checkpoint; fetch_checkpoint({uri!r}, text_encoder=False)"
+    )
     process = subprocess.Popen(
         [sys.executable, "-c", fetch], cwd=REPO, env={**os.environ, "SKYREELS_BATCH_CACHE": str(cache)}
     )

@@ -6,9 +6,10 @@ import argparse
 
 import pytest
 
-from skyreels_batch.cli import build_parser, job_config, parse_resource, parse_workers
-from skyreels_batch.cluster import Capacity
-from skyreels_batch.config import JobConfig, PipelineOptions, plan_resources
+from skyreels_batch.config import JobConfig, PipelineOptions
+from skyreels_batch.job.cli import build_parser, job_config, parse_resource, parse_workers
+from skyreels_batch.job.cluster import Capacity
+from skyreels_batch.job.resources import plan_resources
 
 TWO_CPUS = Capacity(nodes=({"CPU": 2.0},))
 EIGHT_GPUS = Capacity(nodes=({"CPU": 64.0, "GPU": 8.0},))

@@ -10,8 +10,8 @@ import pytest
 import ray
 
 from skyreels_batch import control as control_module
-from skyreels_batch.collect import StopRequest, lost_row_error
 from skyreels_batch.control import JobControl, admit, may_start, segments_done, start_job_control
+from skyreels_batch.job.collect import StopRequest, lost_row_error
 
 
 def test_rows_are_admitted_while_fewer_than_the_window_wait_for_a_render_actor(ray_local: None) -> None:

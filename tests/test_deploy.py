@@ -12,7 +12,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 
-from skyreels_batch.cli import build_parser
+from skyreels_batch.job.cli import build_parser
 from tests.conftest import REPO
 
 TORCH_PIN = "torch==2.13.0"  # the README's and .ci/run's pin

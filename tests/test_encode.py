@@ -8,9 +8,9 @@ import pyarrow as pa
 import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline
 
-from skyreels_batch.embedded import materialize
-from skyreels_batch.embeddings import EmbeddingStore, texts_for
 from skyreels_batch.models import card_for
+from skyreels_batch.models.embedded import materialize
+from skyreels_batch.render.embeddings import EmbeddingStore, texts_for
 from skyreels_batch.schema import RenderParams
 from skyreels_batch.stages.encode import EncodePrompts
 from skyreels_batch.stages.render import RenderVideos

@@ -12,9 +12,9 @@ import pandas as pd
 import psutil
 import pytest
 
-from skyreels_batch.cli import main
 from skyreels_batch.config import JobConfig
-from skyreels_batch.pipeline import run_job
+from skyreels_batch.job.cli import main
+from skyreels_batch.job.pipeline import run_job
 from tests.conftest import write_manifest
 from tests.test_long_job import LONG, SHORT
 

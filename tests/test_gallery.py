@@ -20,16 +20,16 @@ from PIL import Image
 from bench.browser import chromium_installed, start_chromium
 from skyreels_batch import storage
 from skyreels_batch.config import JobConfig
-from skyreels_batch.gallery import Gallery, data_dir
+from skyreels_batch.job.pipeline import run_job
 from skyreels_batch.models import card_for
-from skyreels_batch.pipeline import run_job
-from skyreels_batch.report import main as report_main
-from skyreels_batch.report import read_report, report
-from skyreels_batch.results import ResultsIndex, results_dir
+from skyreels_batch.output.gallery import Gallery, data_dir
+from skyreels_batch.output.report import main as report_main
+from skyreels_batch.output.report import read_report, report
+from skyreels_batch.output.results import ResultsIndex, results_dir
+from skyreels_batch.output.thumbnails import LABEL_HEIGHT, TILE_WIDTH, Thumbnails, sheet_frames
+from skyreels_batch.render.segments import SegmentStore
 from skyreels_batch.schema import resolve
-from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.write import WriteVideos
-from skyreels_batch.thumbnails import LABEL_HEIGHT, TILE_WIDTH, Thumbnails, sheet_frames
 from tests.conftest import BUCKET, decode, write_manifest
 
 ROWS = [
@@ -197,20 +197,31 @@ def test_the_gallery_follows_the_index_as_a_run_goes(tmp_path: Path) -> None:
             ids += [row[columns.index("id")] for row in rows]
         return sorted(ids)
 
-    first = ResultsIndex(output, gallery=Gallery(output))
+    # The driver has the gallery follow the index (run_job, the collector's flushes): a new part's data, every
+    # file's once the shards were rewritten.
+    first, gallery = ResultsIndex(output), Gallery(output)
     first.add([{"id": "a", "status": "done"}, {"id": "b", "status": "failed", "error": "row 'b': x: bad"}])
     first.close()
+    gallery.follow(first, running=False)
     assert shown() == ["a", "b"]
     assert (tmp_path / "out" / "index.html").exists() and (tmp_path / "out" / "gallery" / "app.js").exists()
 
-    second = ResultsIndex(output, gallery=Gallery(output))  # b is rendered again: out of the shards, into a part
+    second, gallery = ResultsIndex(output), Gallery(output)  # b is rendered again: out of the shards, into a part
     second.retract(pa_array(["b"]))
+    gallery.follow(second)
     assert shown() == ["a"]
     second.add([{"id": "b", "status": "done"}, {"id": "c", "status": "done"}])
     second.flush()
+    written = {path.name: path.stat().st_mtime_ns for path in Path(data_dir(output)).iterdir()}
+    gallery.follow(second)
     assert shown() == ["a", "b", "c"]
     assert _script_argument((tmp_path / "out" / "gallery" / "files.js").read_text())["running"] is True
+    rewritten = {
+        path.name for path in Path(data_dir(output)).iterdir() if path.stat().st_mtime_ns != written.get(path.name)
+    }
+    assert all(name.startswith("part-") for name in rewritten), "a flush without a fold writes the new part's data only"
     second.close()
+    gallery.follow(second, running=False)
     assert shown() == ["a", "b", "c"]
     assert not [name for name in os.listdir(data_dir(output)) if name.startswith("part-")]
     assert _script_argument((tmp_path / "out" / "gallery" / "files.js").read_text())["running"] is False
@@ -220,21 +231,24 @@ def test_a_gallery_that_cannot_be_written_never_stops_the_index(tmp_path: Path) 
     output = tmp_path / "out"
     output.mkdir()
     (output / "gallery").write_text("a file where the gallery's folder goes")
-    index = ResultsIndex(str(output), gallery=Gallery(str(output)))
+    index, gallery = ResultsIndex(str(output)), Gallery(str(output))
     index.add([{"id": "a", "status": "done"}])
     assert index.flush() == 1
+    gallery.follow(index)  # fails, and says so in the log
     index.close()
+    gallery.follow(index, running=False)
     assert pd.read_parquet(results_dir(str(output))).id.tolist() == ["a"]
     (output / "gallery").unlink()  # the next refresh writes what the failed ones did not
-    ResultsIndex(str(output), gallery=Gallery(str(output)))
+    gallery.follow(ResultsIndex(str(output)))
     assert (output / "gallery" / "files.js").exists() and list((output / "gallery" / "data").glob("shard-*.js"))
 
 
 def test_a_gallery_in_a_bucket_is_served_as_a_page(s3_endpoint: str) -> None:
     output = f"s3://{BUCKET}/gallery-served"
-    index = ResultsIndex(output, gallery=Gallery(output))
+    index = ResultsIndex(output)
     index.add([{"id": "a", "status": "done"}])
     index.close()
+    Gallery(output).follow(index, running=False)
     s3 = boto3.client("s3")
     types = {key: s3.head_object(Bucket=BUCKET, Key=f"gallery-served/{key}")["ContentType"] for key in (
         "index.html", "gallery/app.js", "gallery/style.css", "gallery/files.js")}  # fmt: skip
@@ -322,13 +336,14 @@ def test_the_gallery_in_a_browser(finished_run: Path, browser, tmp_path: Path) -
 @pytest.mark.slow
 def test_the_gallery_pages_through_100_000_rows(browser, tmp_path: Path) -> None:
     output = str(tmp_path / "big")
-    index = ResultsIndex(output, gallery=Gallery(output))
+    index = ResultsIndex(output)
     index.add(
         {"id": f"video-{k:06d}", "status": "failed" if k % 10 == 0 else "done", "prompt": f"prompt number {k}",
          "params": json.dumps({"mode": "t2v"}), "error": "row: x: bad" if k % 10 == 0 else None}
         for k in range(100_000)
     )  # fmt: skip
     index.close()
+    Gallery(output).follow(index, running=False)
     open_gallery(browser, tmp_path / "big")
     assert browser.find_element("id", "page").text == "page 1 of 2084 (100,000 rows)"
     assert len(cards(browser)) == 48
@@ -347,7 +362,7 @@ def pa_array(values: list[str]):
 
 
 def _shard(video_id: str) -> str:
-    from skyreels_batch.results import shard_of
+    from skyreels_batch.output.results import shard_of
 
     return f"{shard_of(video_id):02d}"
 

@@ -4,9 +4,6 @@ never appear in what the job prints or writes."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import fsspec
@@ -14,9 +11,9 @@ import pandas as pd
 import pytest
 
 from skyreels_batch.config import JobConfig
-from skyreels_batch.pipeline import run_job
-from tests.conftest import BUCKET, REPO, write_manifest
-from tests.ray_head import stop_processes_under
+from skyreels_batch.job.pipeline import run_job
+from tests.conftest import BUCKET, write_manifest
+from tests.ray_head import run_with_own_ray
 
 pytestmark = pytest.mark.slow
 
@@ -71,22 +68,6 @@ def test_hostile_rows_fail_alone_and_nothing_is_written_outside_the_output(ray_l
         ("twice", "id"),
     ]:
         assert f": {field}: " in errors[video_id], (video_id, errors[video_id])
-
-
-def run_with_own_ray(command: list[str]) -> subprocess.CompletedProcess:
-    """A Python process that starts a local Ray of its own (stopped afterwards), its stdout and stderr captured."""
-    ray_tmp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")  # short: Ray's socket paths live under it
-    try:
-        return subprocess.run(
-            [sys.executable, *command],
-            cwd=REPO,
-            env={**os.environ, "RAY_TMPDIR": ray_tmp},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    finally:
-        stop_processes_under(ray_tmp)
 
 
 def test_credentials_never_reach_what_the_driver_and_workers_print_or_write(s3_endpoint: str, tmp_path: Path) -> None:

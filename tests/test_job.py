@@ -18,10 +18,10 @@ import pytest
 import ray
 from PIL import Image
 
-from skyreels_batch.cli import main
 from skyreels_batch.config import JobConfig
-from skyreels_batch.pipeline import run_job
-from skyreels_batch.results import shard_name, shard_of
+from skyreels_batch.job.cli import main
+from skyreels_batch.job.pipeline import run_job
+from skyreels_batch.output.results import shard_name, shard_of
 from tests.conftest import BUCKET, REPO, decode, write_manifest
 
 pytestmark = pytest.mark.slow

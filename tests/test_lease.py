@@ -14,12 +14,12 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from skyreels_batch import lease as lease_module
-from skyreels_batch.cli import main
 from skyreels_batch.config import JobConfig
-from skyreels_batch.lease import Lease, OutputTaken, lease_uri
-from skyreels_batch.pipeline import run_job
-from skyreels_batch.results import read_index
+from skyreels_batch.job import lease as lease_module
+from skyreels_batch.job.cli import main
+from skyreels_batch.job.lease import Lease, OutputTaken, lease_uri
+from skyreels_batch.job.pipeline import run_job
+from skyreels_batch.output.results import read_index
 from tests.conftest import BUCKET, write_manifest
 
 

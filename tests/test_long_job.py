@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 import ray
 
-from skyreels_batch.collect import StopRequest
 from skyreels_batch.config import JobConfig
-from skyreels_batch.pipeline import run_job
-from skyreels_batch.results import read_index
+from skyreels_batch.job.collect import StopRequest
+from skyreels_batch.job.pipeline import run_job
+from skyreels_batch.output.results import read_index
 from tests.conftest import BUCKET, REPO, decode, distinct, write_manifest
 from tests.ray_head import stop_processes_under
 

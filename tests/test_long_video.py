@@ -11,13 +11,13 @@ import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
 from safetensors.torch import load_file
 
-from skyreels_batch.embedded import materialize
 from skyreels_batch.models import card_for
-from skyreels_batch.segments import SegmentStore
+from skyreels_batch.models.embedded import materialize
+from skyreels_batch.output.video import to_uint8
+from skyreels_batch.render.segments import SegmentStore
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
-from skyreels_batch.video import to_uint8
 from tests.conftest import EncodeThenRender, noise_image, write_clip
 from tests.conftest import decode as decode_mp4
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline
 
-from skyreels_batch.embedded import build_pipeline, materialize
 from skyreels_batch.models import UnknownModelError, card_for, cards
+from skyreels_batch.models.embedded import build_pipeline, materialize
 from tests.conftest import REPO
 
 HUB_CHECKPOINTS = {

@@ -18,15 +18,15 @@ from diffusers import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from skyreels_batch.embedded import materialize
-from skyreels_batch.inputs import crop_to_aspect
 from skyreels_batch.models import ModelCard, card_for
+from skyreels_batch.models.embedded import materialize
+from skyreels_batch.output.video import to_uint8
+from skyreels_batch.render.inputs import crop_to_aspect
+from skyreels_batch.render.segments import SegmentStore
 from skyreels_batch.schema import RenderParams
-from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
-from skyreels_batch.video import to_uint8
 from tests.conftest import EncodeThenRender, decode, noise_image, write_clip
 
 ROW = {
@@ -368,7 +368,7 @@ def test_a_v2v_row_holds_only_the_frames_it_conditions_on_and_lets_go_of_them(df
 def test_a_rank_keeps_the_most_recently_used_loras_and_a_reloaded_one_renders_the_same(
     lora_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("skyreels_batch.denoiser.MAX_ADAPTERS", 1)
+    monkeypatch.setattr("skyreels_batch.render.denoiser.MAX_ADAPTERS", 1)
     card = card_for("tiny-df")
     stage = EncodeThenRender(card, output=str(tmp_path))
     by_file = f"{lora_dir}/pytorch_lora_weights.safetensors"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline
 
-from skyreels_batch.embedded import materialize
 from skyreels_batch.models import card_for
+from skyreels_batch.models.embedded import materialize
 from skyreels_batch.plan import denoising_iterations, plan_video
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from skyreels_batch.progress import INTERVAL_S, WINDOW_S, Progress
+from skyreels_batch.job.progress import INTERVAL_S, WINDOW_S, Progress
 
 
 class Clock:

@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from skyreels_batch.dataset import metadata_uri, write_dataset_metadata
 from skyreels_batch.models import card_for
-from skyreels_batch.quality import GATE, Quality, measure, parse_gate
-from skyreels_batch.results import ResultsIndex, result_row
+from skyreels_batch.output.dataset import metadata_uri, write_dataset_metadata
+from skyreels_batch.output.quality import GATE, Quality, measure, parse_gate
+from skyreels_batch.output.results import ResultsIndex, result_row
+from skyreels_batch.output.video import encode_mp4
+from skyreels_batch.render.segments import SegmentStore
 from skyreels_batch.schema import resolve
-from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.write import WriteVideos
-from skyreels_batch.video import encode_mp4
 from tests.conftest import BUCKET
 
 HEIGHT, WIDTH, FRAMES = 64, 128, 33  # sizes the model takes: the writer test resolves a row
@@ -62,7 +62,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         path.write_bytes(encode_mp4(frames, fps=24, crf=18, lossless=False))
         paths.append(str(path))
     printed = subprocess.run(
-        [sys.executable, "-m", "skyreels_batch.quality", *paths], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "skyreels_batch.output.quality", *paths], capture_output=True, text=True, check=True
     ).stdout
     return {Path(result["path"]).stem: result for result in map(json.loads, printed.splitlines())}
 
@@ -113,7 +113,7 @@ def test_the_command_line_reads_a_bucket(s3_endpoint: str, tmp_path: Path) -> No
         Bucket=BUCKET, Key="clips/frozen.mp4", Body=encode_mp4(CLIPS["frozen"], fps=24, crf=18, lossless=False)
     )
     printed = subprocess.run(
-        [sys.executable, "-m", "skyreels_batch.quality", f"s3://{BUCKET}/clips/frozen.mp4"],
+        [sys.executable, "-m", "skyreels_batch.output.quality", f"s3://{BUCKET}/clips/frozen.mp4"],
         capture_output=True,
         text=True,
         check=True,

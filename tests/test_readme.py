@@ -1,5 +1,6 @@
 """The README and docs/: every table under a `python bench/...` command is that script's results file, every
-relative link and anchor resolves, every page is linked from the README, and the index's column table is RESULTS."""
+relative link and anchor resolves, every page is linked from the README, the index's column table is RESULTS, and
+the README's first command prints the job's lines."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 
 from tests.conftest import REPO
+from tests.ray_head import run_with_own_ray
 
 BENCH_COMMAND = re.compile(r"`python bench/(\w+)\.py[^`]*`")
 
@@ -98,7 +101,7 @@ def test_every_relative_link_and_anchor_resolves_and_every_page_is_linked() -> N
 
 
 def test_the_results_index_table_is_the_index_schema() -> None:
-    from skyreels_batch.results import RESULTS
+    from skyreels_batch.output.results import RESULTS
 
     section = (REPO / "docs" / "operations.md").read_text().split("\n## The results index\n", 1)[1]
     table = dict(re.findall(r"^\| `(\w+)` \| ([\w ]+?) \|", section.split("\n## ", 1)[0], re.MULTILINE))
@@ -132,7 +135,7 @@ def test_actor_retries_still_have_no_named_parameter_in_ray_and_no_other_ray_dep
     import ray.data
     from ray.util.annotations import RayDeprecationWarning
 
-    from skyreels_batch.pipeline import on_actor_pool
+    from skyreels_batch.job.pipeline import on_actor_pool
 
     named = inspect.signature(ray.data.Dataset.map_batches).parameters
     assert "max_task_retries" not in named and "max_restarts" not in named, "use map_batches' named parameters now"
@@ -147,3 +150,30 @@ def test_actor_retries_still_have_no_named_parameter_in_ray_and_no_other_ray_dep
 class _Identity:
     def __call__(self, batch: dict) -> dict:
         return batch
+
+
+# What the libraries print when the project makes them (issue 26): transformers' float32 warning for a model cast
+# with `.to(dtype)`, its progress bar of shard writing, its torchvision fallback notice, Ray's and Ray Data's INFO
+# lines, and Ray Data's warning that the progress bars the job turned off are off.
+LIBRARY_NOISE = (
+    "should be kept in float32",
+    "Writing model shards",
+    "requires torchvision",
+    "\tINFO ",
+    "Progress bars disabled",
+)
+
+
+@pytest.mark.slow
+def test_the_readmes_first_command_prints_the_jobs_lines_not_library_noise(tmp_path: Path) -> None:
+    """The README's first command as a newcomer runs it: a Ray of its own, and no embedded model built yet (a cache
+    of its own), so the build's output is seen too."""
+    command = re.search(r"&& python (jobs/render\.py examples/manifest\.parquet)\n", (REPO / "README.md").read_text())
+    assert command, "the README's first command renders the example manifest"
+    output = str(tmp_path / "renders")
+    job = run_with_own_ray([*command.group(1).split(), "--output", output], env={"SKYREELS_BATCH_CACHE": str(tmp_path)})
+    printed = job.stdout + job.stderr
+    assert job.returncode == 0 and "5 done, 0 failed of 5" in job.stdout, printed
+    assert f"rendering 5 rows of examples/manifest.parquet with tiny-df -> {output}" in job.stdout
+    assert list((tmp_path / "models").iterdir()), "the embedded model was built in this run"
+    assert not [noise for noise in LIBRARY_NOISE if noise in printed], printed

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from skyreels_batch import storage
-from skyreels_batch.results import (
+from skyreels_batch.output.results import (
     RESULTS,
     SHARDS,
     ResultsIndex,
@@ -102,7 +102,7 @@ def test_one_row_per_id_in_at_most_shards_files_however_many_runs(output: str) -
 
 
 def test_a_fold_larger_than_fold_rows_goes_group_by_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("skyreels_batch.results.FOLD_ROWS", 40)
+    monkeypatch.setattr("skyreels_batch.output.results.FOLD_ROWS", 40)
     output = str(tmp_path / "out")
     run(output, [{"id": f"v{number}", "status": "done", "request_hash": "a"} for number in range(300)])
     run(output, [{"id": f"v{number}", "status": "done", "request_hash": "b"} for number in range(0, 300, 2)])
@@ -198,7 +198,7 @@ def test_read_index_is_exact_during_a_fold_where_a_plain_read_lists_a_row_twice(
     every = {f"earlier-{number}" for number in range(30)} | {f"new-{number}" for number in range(40)}
     # The fold stopped between its two steps: the part's rows are in the shards, the part is not deleted yet.
     with monkeypatch.context() as frozen:
-        frozen.setattr("skyreels_batch.results.storage.remove_files", lambda uris: None)
+        frozen.setattr("skyreels_batch.output.results.storage.remove_files", lambda uris: None)
         index.close()
     plain = read_plain(output)
     assert len(plain) == 30 + 2 * 40 and distinct(plain).id.is_unique  # the same row twice
@@ -248,7 +248,7 @@ def test_a_run_of_many_flushes_keeps_a_few_parts_and_leaves_the_shards_alone(tmp
 
 
 def test_beyond_max_parts_a_run_folds_its_parts_into_the_shards(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("skyreels_batch.results.MAX_PARTS", 1)
+    monkeypatch.setattr("skyreels_batch.output.results.MAX_PARTS", 1)
     output = str(tmp_path / "out")
     index = ResultsIndex(output)
     index.add([done(f"big-{number}") for number in range(10)])

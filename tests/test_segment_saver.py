@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from skyreels_batch.models import card_for
-from skyreels_batch.segments import SegmentSaver, SegmentStore
+from skyreels_batch.render.segments import SegmentSaver, SegmentStore
 from skyreels_batch.stages.validate import ValidateRows
 from tests.conftest import EncodeThenRender
 

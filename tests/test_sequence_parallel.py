@@ -15,12 +15,14 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
-from skyreels_batch.cluster import Capacity
-from skyreels_batch.config import JobConfig, plan_resources
-from skyreels_batch.diffusion_forcing import check_heads
-from skyreels_batch.embedded import materialize
+from skyreels_batch.config import JobConfig
+from skyreels_batch.job.cluster import Capacity
+from skyreels_batch.job.pipeline import run_job
+from skyreels_batch.job.resources import plan_resources
+from skyreels_batch.job.work import plan_job
 from skyreels_batch.models import card_for
-from skyreels_batch.pipeline import plan_job, run_job
+from skyreels_batch.models.embedded import materialize
+from skyreels_batch.render.diffusion_forcing import check_heads
 from skyreels_batch.schema import RowError, check_split, split_width
 from tests.conftest import decode, noise_image, write_manifest
 
@@ -168,7 +170,7 @@ def test_the_sweeper_removes_placement_groups_no_rank_uses_and_only_those(ray_lo
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from skyreels_batch.groups import PlacementSweeper
+    from skyreels_batch.render.groups import PlacementSweeper
 
     used, left = (placement_group([{"CPU": 0.1}] * 2, name=f"render-sweep-{name}") for name in ("used", "left"))
     ray.get([used.ready(), left.ready()])

@@ -14,14 +14,14 @@ import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
 
 from skyreels_batch import storage
-from skyreels_batch.embedded import materialize
 from skyreels_batch.models import card_for
-from skyreels_batch.results import record_uri
-from skyreels_batch.segments import SegmentStore
+from skyreels_batch.models.embedded import materialize
+from skyreels_batch.output.results import record_uri
+from skyreels_batch.output.video import to_uint8
+from skyreels_batch.render.segments import SegmentStore
 from skyreels_batch.stages.render import RenderVideos
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
-from skyreels_batch.video import to_uint8
 from tests.conftest import EncodeThenRender, decode
 
 CARD = card_for("tiny-df")
@@ -152,7 +152,7 @@ def test_a_commit_is_final_for_a_writer_run_twice_and_for_a_process_killed_just_
         file.write_table(rendered)
     script = (
         "import os, sys, pyarrow as pa\n"
-        "from skyreels_batch.segments import SegmentStore\n"
+        "from skyreels_batch.render.segments import SegmentStore\n"
         "from skyreels_batch.stages.write import WriteVideos\n"
         "SegmentStore.remove = lambda self: os._exit(9)\n"
         "WriteVideos(output=sys.argv[2], crf=18, lossless=False)(pa.ipc.open_file(sys.argv[1]).read_all())\n"

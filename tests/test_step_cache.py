@@ -11,18 +11,18 @@ import torch
 from diffusers import SkyReelsV2DiffusionForcingPipeline
 from safetensors.torch import load_file
 
-from skyreels_batch.cli import build_parser, job_config
-from skyreels_batch.diffusion_forcing import use_step_cache
-from skyreels_batch.embedded import materialize
-from skyreels_batch.manifest import write_manifest
+from skyreels_batch.job.cli import build_parser, job_config
+from skyreels_batch.job.manifest import write_manifest
+from skyreels_batch.job.work import plan_job
 from skyreels_batch.models import card_for
-from skyreels_batch.pipeline import plan_job
+from skyreels_batch.models.embedded import materialize
+from skyreels_batch.render.diffusion_forcing import use_step_cache
+from skyreels_batch.render.segments import SegmentStore
+from skyreels_batch.render.timing import PassCounter
 from skyreels_batch.schema import RowError, resolve
-from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages.validate import ValidateRows
 from skyreels_batch.stages.write import WriteVideos
 from skyreels_batch.step_cache import parse_cache
-from skyreels_batch.timing import PassCounter
 from tests.conftest import EncodeThenRender, noise_image
 from tests.test_long_video import LONG, diffusers_video, render
 

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from skyreels_batch.timing import ForwardTimer
+from skyreels_batch.render.timing import ForwardTimer
 
 
 class Sleeper(torch.nn.Module):

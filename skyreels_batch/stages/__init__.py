@@ -14,8 +14,8 @@ from typing import Any, ClassVar, TypeVar
 import pyarrow as pa
 import torch
 
-from skyreels_batch import quality
-from skyreels_batch.inputs import InputError
+from skyreels_batch.output import quality
+from skyreels_batch.render.inputs import InputError
 from skyreels_batch.schema import RenderParams
 
 Loaded = TypeVar("Loaded")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from skyreels_batch.control import admit
-from skyreels_batch.embeddings import EmbeddingStore, texts_for
+from skyreels_batch.render.embeddings import EmbeddingStore, texts_for
 from skyreels_batch.schema import RenderParams
 
 if TYPE_CHECKING:

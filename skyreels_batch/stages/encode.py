@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.control import held_here, model_loaded, stopping
-from skyreels_batch.embeddings import EmbeddingStore, texts_for
+from skyreels_batch.control import ModelLoad, held_here, model_loaded, stopping
 from skyreels_batch.models import ModelCard
-from skyreels_batch.pipelines import ModelLoad, encode_text, load_text_encoder
+from skyreels_batch.render.embeddings import EmbeddingStore, texts_for
+from skyreels_batch.render.pipelines import encode_text, load_text_encoder
 from skyreels_batch.schema import RenderParams
 from skyreels_batch.stages import VALIDATED, TorchRowStage
 

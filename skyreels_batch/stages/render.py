@@ -1,4 +1,5 @@
-"""The render stage: a pool of actors, each holding one SkyReels-V2 pipeline, rendering videos as segment chains."""
+"""The render stage: rows -> videos rendered as segment chains, by one process (RenderVideos) or by rank 0 of a
+render group (GroupLeader, render_group.py)."""
 
 from __future__ import annotations
 
@@ -6,89 +7,47 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.control import may_start, model_loaded, render_ended, segments_done
-from skyreels_batch.denoiser import SegmentDenoiser
-from skyreels_batch.diffusion_forcing import StreamingDecoder
+from skyreels_batch.control import ModelLoad, may_start, model_loaded, render_ended, segments_done
 from skyreels_batch.models import ModelCard
-from skyreels_batch.pipelines import ModelLoad
-from skyreels_batch.results import columns_of, committed
+from skyreels_batch.output.results import columns_of, committed
+from skyreels_batch.output.video import to_uint8
+from skyreels_batch.render.denoiser import Denoiser, SegmentDenoiser
+from skyreels_batch.render.diffusion_forcing import StreamingDecoder
+from skyreels_batch.render.segments import SegmentSaver, SegmentStore
+from skyreels_batch.render.timing import ForwardTimer
 from skyreels_batch.schema import RenderParams, plan_for
-from skyreels_batch.segments import SegmentSaver, SegmentStore
 from skyreels_batch.stages import RENDERED, TorchRowStage
-from skyreels_batch.timing import ForwardTimer
-from skyreels_batch.video import to_uint8
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
 
-class RenderVideos(TorchRowStage):
+class SegmentRenderer(TorchRowStage):
     """Validated rows whose texts are encoded (EncodePrompts) -> segments persisted under `<output>/_segments/<id>/`.
 
-    A video is a chain of segment tasks (see plan.py), denoised by this actor alone or by the group of ranks it
-    leads (`--gpus-per-video`, groups.py). Each segment continues from the last overlap latents of the one before
-    and from the generator state it left, both persisted with it, so any actor can pick a video up at its last
-    finished segment after a failure. Frames go to storage, not into the batch: a 97-frame 544x960
-    segment is 150 MB of uint8, which Ray Data's object store would otherwise hold and spill.
+    A video is a chain of segment tasks (see plan.py), each denoised by the worker's `Denoiser`: one process's
+    (RenderVideos) or a group of ranks' (GroupLeader, `--gpus-per-video`). Each segment continues from the last
+    overlap latents of the one before and from the generator state it left, both persisted with it, so any worker
+    can pick a video up at its last finished segment after a failure. Frames go to storage, not into the batch: a
+    97-frame 544x960 segment is 150 MB of uint8, which Ray Data's object store would otherwise hold and spill.
 
-    Once the job is stopping, an actor starts no new video, and a video in progress stops after the segment in
+    Once the job is stopping, a worker starts no new video, and a video in progress stops after the segment in
     flight is persisted; either way the row passes on `stopped`, and the next run continues it.
     """
 
     output_schema = RENDERED
     failure = "render failed"
 
-    def __init__(
-        self,
-        card: ModelCard,
-        *,
-        output: str,
-        device: str,
-        torch_threads: int,
-        options: PipelineOptions | None = None,
-        control: ActorHandle | None = None,
-        ranks: int = 1,
-        rank_bundle: dict[str, float] | None = None,
-    ) -> None:
+    def attach(self, card: ModelCard, denoiser: Denoiser, *, output: str, control: ActorHandle | None) -> None:
+        """What a subclass's `__init__` ends with, once its denoiser is loaded (on the torch thread)."""
         self.card = card
+        self.denoiser = denoiser
         self.output = output
         self.control = control
-        self.model_load = ModelLoad("render")
-        if ranks == 1:
-            self.denoiser = self.group = self.start_torch(
-                lambda: SegmentDenoiser(
-                    card, output=output, device=device, options=options, model_load=self.model_load
-                ),
-                torch_threads,
-            )
-        else:
-            from skyreels_batch.groups import RankGroup  # Ray, for a group only: the GPU bench renders without it
-
-            self.group = self.start_torch(
-                lambda: RankGroup.start(
-                    card,
-                    output=output,
-                    device=device,
-                    options=options,
-                    torch_threads=torch_threads,
-                    ranks=ranks,
-                    bundle=rank_bundle or {},
-                    model_load=self.model_load,
-                    control=control,
-                ),
-                torch_threads,
-            )
-            self.denoiser = self.group.denoiser  # rank 0's
-        self.pipeline = self.denoiser.pipeline
+        self.pipeline = denoiser.pipeline
         model_loaded(control, self.model_load)
         self.transformer_timer = ForwardTimer(self.pipeline.transformer)
-
-    def render(self, batch: pa.Table) -> pa.Table:
-        """`__call__`, for a render group's Ray Data actor, which holds this stage as an actor (rank 0)."""
-        return self(batch)
 
     def process(self, params: RenderParams, row: dict[str, Any]) -> dict[str, Any]:
         if not may_start(self.control, params.id):
@@ -120,14 +79,14 @@ class RenderVideos(TorchRowStage):
             for segment, window in zip(plan.segments[:resumed], store.windows(resumed), strict=True):
                 decoder.skip(window[:, :, 0 if segment.index == 0 else segment.overlap :])
 
-        video = self.group.begin(params, conditioning, previous, generator_state)
+        video = self.denoiser.begin(params, conditioning, previous, generator_state)
         saver = SegmentSaver(store, lambda count: segments_done(self.control, params.id, count), saved=resumed)
         decode_s = 0.0
         try:
             for segment in plan.segments[resumed:]:
                 if not saver.may_go_on:  # stopping: the segments before are persisted, the next run goes on
                     break
-                window = self.group.denoise(segment.index)
+                window = self.denoiser.denoise(segment.index)
                 decode_started = time.perf_counter()
                 if segment.index == 0 and segment.overlap:  # v2v: the clip's latents lead into the new frames
                     decoder.skip(window[:, :, : segment.overlap])
@@ -148,3 +107,24 @@ class RenderVideos(TorchRowStage):
             "decode_s": decode_s,
             "persist_wait_s": saver.waited_s,
         }
+
+
+class RenderVideos(SegmentRenderer):
+    """The render stage of `--gpus-per-video 1`: a pool of actors, each holding one SkyReels-V2 pipeline."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        output: str,
+        device: str,
+        torch_threads: int,
+        options: PipelineOptions | None = None,
+        control: ActorHandle | None = None,
+    ) -> None:
+        self.model_load = ModelLoad("render")
+        denoiser = self.start_torch(
+            lambda: SegmentDenoiser(card, output=output, device=device, options=options, model_load=self.model_load),
+            torch_threads,
+        )
+        self.attach(card, denoiser, output=output, control=control)

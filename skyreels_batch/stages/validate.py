@@ -92,7 +92,6 @@ class ValidateRows:
             "num_segments": len(plan.segments),
             "cost": plan.cost,
             "work": plan.cost * pixels,
-            "plan": plan,  # for --dry-run; not a column
         }
 
 

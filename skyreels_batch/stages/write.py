@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from skyreels_batch import storage
-from skyreels_batch.quality import QualityMeter
-from skyreels_batch.results import columns_of, committed, result_row, write_record
+from skyreels_batch.output.quality import QualityMeter
+from skyreels_batch.output.results import columns_of, committed, result_row, write_record
+from skyreels_batch.output.thumbnails import Thumbnails
+from skyreels_batch.output.video import encode_mp4
+from skyreels_batch.render.segments import SegmentStore
 from skyreels_batch.schema import RenderParams, plan_for
-from skyreels_batch.segments import SegmentStore
 from skyreels_batch.stages import WRITTEN, RowStage
-from skyreels_batch.thumbnails import Thumbnails
-from skyreels_batch.video import encode_mp4
 
 
 def video_uri(output: str, video_id: str) -> str:

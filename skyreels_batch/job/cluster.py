@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skyreels_batch.progress import duration
+from skyreels_batch.job.progress import duration
 
 # Nodes of one type differ in these, and no actor of ours asks for them.
 NOT_PLACEMENT = ("memory", "object_store_memory")

@@ -17,7 +17,8 @@
   what a killed one left (its parts and records). During those folds and merges, seconds long, a reader can see a
   row twice (the same row: copied into its new file, the old one not deleted yet) or find a file replaced under it;
   `read_index` reads the index exactly at any moment. Beside them, `results/_runs/<run>.json` holds each run's metadata.
-- **The gallery** (gallery.py), when the index has one, is refreshed with it: at every flush, fold and retraction.
+- **The gallery** (gallery.py) follows the index: the driver has it catch up after each flush, and every file's
+  data is written again once the index has rewritten its shards (`rewrites`: a fold or a retraction).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import math
 import threading
 import time
@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from skyreels_batch import quality, storage
-from skyreels_batch.gallery import Gallery
+from skyreels_batch import storage
+from skyreels_batch.output import quality
 
 RESULTS = pa.schema(
     [
@@ -72,7 +72,6 @@ RESULTS = pa.schema(
         *quality.COLUMNS,
     ]
 )
-logger = logging.getLogger(__name__)
 PARAM_COLUMNS = ("prompt", "num_frames", "fps", "width", "height", "seed", "model")
 # Enough that a fold rewrites a small part of a million-row index, few enough to read in one go.
 SHARDS = 64
@@ -163,16 +162,15 @@ class ResultsIndex:
     """The index of one output, for one run. Opening it folds in what earlier runs left outside the shards; `add`
     queues rows (thread-safe), `flush` writes them as a part, `close` folds the run's parts into the shards."""
 
-    def __init__(self, output: str, gallery: Gallery | None = None, run: str | None = None) -> None:
+    def __init__(self, output: str, run: str | None = None) -> None:
         self.output = output
-        self.gallery = gallery
         self.run = run or new_run_id()
         self.parts: list[tuple[str, int]] = []  # this run's parts, oldest first, and their rows
         self.flushes = self.merges = 0
+        self.rewrites = 0  # times the shards were rewritten (folds, retractions): what a view must read again
         self._pending: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._fold_records(self._unfolded_files())
-        self._refresh_gallery(rewrite=True)
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         with self._lock:
@@ -189,8 +187,7 @@ class ResultsIndex:
         self.parts.append((self._part_uri(), len(pending)))
         _write_table(self.parts[-1][0], pa.Table.from_pylist(list(pending.values()), schema=RESULTS))
         storage.remove_files([record_uri(self.output, video_id) for video_id in pending])
-        folded = self._merge_parts()
-        self._refresh_gallery(rewrite=folded)
+        self._merge_parts()
         return len(pending)
 
     def _part_uri(self, merged: bool = False) -> str:
@@ -199,9 +196,9 @@ class ResultsIndex:
         merge = f"m{self.merges:06d}" if merged else ""
         return storage.join(results_dir(self.output), f"part-{self.run}-{self.flushes:06d}{merge}.parquet")
 
-    def _merge_parts(self) -> bool:
+    def _merge_parts(self) -> None:
         """Merge the newest part into the one before while that one is at most twice its size; beyond MAX_PARTS,
-        fold them all into the shards (returns whether it did)."""
+        fold them all into the shards."""
         while len(self.parts) >= 2 and self.parts[-2][1] <= 2 * self.parts[-1][1]:
             (older, _), (newer, _) = self.parts[-2:]
             latest = {}
@@ -212,24 +209,19 @@ class ResultsIndex:
             _write_table(uri, pa.Table.from_pylist(list(latest.values()), schema=RESULTS))
             storage.remove_files([older, newer])
             self.parts[-2:] = [(uri, len(latest))]
-        if len(self.parts) <= MAX_PARTS:
-            return False
-        self._fold([uri for uri, _ in self.parts], [])
-        self.parts = []
-        return True
+        if len(self.parts) > MAX_PARTS:
+            self._fold([uri for uri, _ in self.parts], [])
+            self.parts = []
 
     def retract(self, video_ids: pa.Array) -> None:
         """Take these ids' rows out of the shards: the run writes them again (a row that failed, a changed request,
         an MP4 gone missing), and the index must not list an id twice meanwhile."""
-        retracted = False
         for name in self._shard_names():
             uri = storage.join(results_dir(self.output), name)
             if pc.any(pc.is_in(_read_table(uri, ["id"])["id"], video_ids)).as_py():
                 table = _read_table(uri)
                 _write_table(uri, table.filter(pc.invert(pc.is_in(table["id"], video_ids))))
-                retracted = True
-        if retracted:
-            self._refresh_gallery(rewrite=True)
+                self.rewrites += 1
 
     def record_run(self, metadata: dict[str, Any]) -> None:
         uri = storage.join(runs_dir(self.output), f"{self.run}.json")
@@ -241,22 +233,11 @@ class ResultsIndex:
         self.flush()
         folded = self._fold_records([uri for uri, _ in self.parts])
         self.parts = []
-        self._refresh_gallery(rewrite=True, running=False)
         return folded
 
     def files(self) -> list[str]:
         """The index's files now: its shards and the parts of runs not folded yet."""
         return storage.list_files(results_dir(self.output), ".parquet")
-
-    def _refresh_gallery(self, *, rewrite: bool, running: bool = True) -> None:
-        """The gallery is a view of the index: failing to write it never stops a run. Files it did not write are
-        written by the next refresh (a fold's, at the latest)."""
-        if self.gallery is None:
-            return
-        try:
-            self.gallery.refresh(self.files(), rewrite=rewrite, running=running)
-        except Exception as error:  # noqa: BLE001
-            logger.warning("the gallery was not refreshed (the next refresh tries again): %s", error)
 
     def _fold_records(self, files: list[str]) -> int:
         records = storage.list_files(records_dir(self.output), ".json")
@@ -301,6 +282,7 @@ class ResultsIndex:
             for shard, shard_rows in sorted(by_shard.items()):
                 self._merge_into_shard(shard, pa.Table.from_pylist(shard_rows, schema=RESULTS))
         storage.remove_files(files)
+        self.rewrites += 1
 
     def _merge_into_shard(self, shard: int, rows: pa.Table) -> None:
         uri = storage.join(results_dir(self.output), shard_name(shard))

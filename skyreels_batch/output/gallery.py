@@ -16,16 +16,22 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from skyreels_batch import storage
-from skyreels_batch.quality import COLUMNS as QUALITY_COLUMNS
+from skyreels_batch.output.quality import COLUMNS as QUALITY_COLUMNS
+
+if TYPE_CHECKING:
+    from skyreels_batch.output.results import ResultsIndex
+
+logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "gallery_assets"
 CARD_COLUMNS = ("id", "status", "prompt", "mode", "seed", "width", "height", "num_frames", "num_segments")
@@ -52,6 +58,18 @@ class Gallery:
         self.output = output
         self.versions: dict[str, str] = {}  # index file stem -> version of its data script
         self.assets_written = False
+        self.rewrites_seen: int | None = None  # the index's `rewrites` at the last refresh
+
+    def follow(self, index: ResultsIndex, *, running: bool = True) -> None:
+        """Catch up with `index`: the data of its new files, or every file's once it has rewritten its shards since
+        the last call (and at the first). The gallery is a view of the index: failing to write it never stops a
+        run, and the next call writes what this one did not."""
+        try:
+            self.refresh(index.files(), rewrite=index.rewrites != self.rewrites_seen, running=running)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("the gallery was not refreshed (the next refresh tries again): %s", error)
+        else:
+            self.rewrites_seen = index.rewrites
 
     def refresh(self, index_files: list[str], *, rewrite: bool, running: bool) -> None:
         """Write the data of index files that have none yet (every file's when `rewrite`: after a fold), remove the

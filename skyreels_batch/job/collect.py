@@ -20,9 +20,10 @@ import ray
 from ray.actor import ActorHandle
 from ray.data import Dataset
 
-from skyreels_batch.progress import Progress
-from skyreels_batch.results import ResultsIndex, result_row
-from skyreels_batch.segments import SegmentStore
+from skyreels_batch.job.progress import Progress
+from skyreels_batch.output.gallery import Gallery
+from skyreels_batch.output.results import ResultsIndex, result_row
+from skyreels_batch.render.segments import SegmentStore
 
 POLL_S = 0.5
 DRAIN_S = 5.0  # once no video is rendering, how long a stopping pass may take to hand back its queued rows
@@ -55,12 +56,14 @@ class Outcome:
 
 
 class Collector:
-    """Runs render passes over the rows to render until every row is done, failed, or (stopping) left."""
+    """Runs render passes over the rows to render until every row is done, failed, or (stopping) left; folds the rows
+    that come back into the results index every `index_interval_s`, and has the gallery follow it."""
 
     def __init__(
         self,
         *,
         index: ResultsIndex,
+        gallery: Gallery,
         progress: Progress,
         control: ActorHandle,
         stop: StopRequest,
@@ -69,6 +72,7 @@ class Collector:
         log: Callable[[str], None],
     ) -> None:
         self.index = index
+        self.gallery = gallery
         self.progress = progress
         self.control = control
         self.stop = stop
@@ -164,7 +168,8 @@ class Collector:
     def _tick(self) -> None:
         self.progress.tick(self._segments())
         if time.monotonic() - self.last_flush >= self.index_interval_s:
-            self.index.flush()
+            if self.index.flush():
+                self.gallery.follow(self.index)
             self.last_flush = time.monotonic()
 
     def _segments(self) -> int:

@@ -1,15 +1,9 @@
-"""The model registry (`model/registry.yaml`): what each checkpoint serves, its limits and row defaults.
-
-python -m skyreels_batch.models list
-python -m skyreels_batch.models export tiny-df DIR
-"""
+"""The model registry (`model/registry.yaml`): what each checkpoint serves, its limits and row defaults."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -18,10 +12,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyreels_batch import storage
-from skyreels_batch.checkpoints import CheckpointError, check_checkpoint, check_hub_cache, is_remote
-from skyreels_batch.config import JobRefused
+from skyreels_batch.models.checkpoints import CheckpointError, check_checkpoint, check_hub_cache, is_remote
 
-REGISTRY_PATH = Path(__file__).resolve().parent.parent / "model" / "registry.yaml"
+REGISTRY_PATH = Path(__file__).resolve().parents[2] / "model" / "registry.yaml"
 # Written next to an exported embedded model so `--model DIR` keeps that model's card (defaults, limits).
 CARD_FILENAME = "skyreels_batch_card.json"
 # A prefix under which Hub checkpoints are mirrored as `<prefix>/<hub id>` (s3://bucket/hub/Skywork/...).
@@ -136,17 +129,6 @@ def attention_heads(card: ModelCard) -> int | None:
     return json.loads(config).get("num_attention_heads")
 
 
-def check_ranks(card: ModelCard, ranks: int) -> None:
-    """At the door: with --gpus-per-video N each rank attends with an equal share of the heads (SkyReels-V2 1.3B has
-    12, 14B 40), so N must divide them."""
-    heads = attention_heads(card) if ranks > 1 else None
-    if heads is not None and heads % ranks:
-        raise JobRefused(
-            f"--gpus-per-video {ranks} does not divide {card.name}'s {heads} attention heads (each rank attends with "
-            "an equal share of them)"
-        )
-
-
 def _registry_card(card: ModelCard) -> ModelCard:
     """A registry card as this job loads it: a Hub checkpoint from its mirror when the card or the environment names
     one (checked here, at the door), else from the Hub, which HF_HUB_OFFLINE=1 limits to the local HF cache."""
@@ -185,41 +167,3 @@ def _read_card(uri: str) -> dict | None:
         return json.loads(storage.read_bytes(uri))
     except FileNotFoundError:
         return None
-
-
-def _list() -> None:
-    print(f"{'name':48} {'family':6} {'size':>9} {'frames':>6} {'window':>6} {'steps':>5} {'cfg':>4} {'shift':>5}")
-    for card in cards():
-        d = card.defaults
-        kind = " (embedded)" if card.embedded else ""
-        print(
-            f"{card.name + kind:48} {card.family:6} {d.height:>4}x{d.width:<4} {d.num_frames:>6} "
-            f"{d.base_num_frames:>6} {d.num_inference_steps:>5} {d.guidance_scale:>4} {d.shift:>5}"
-        )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skyreels_batch.models", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="print the registry")
-    export = commands.add_parser("export", help="write an embedded model as a diffusers directory")
-    export.add_argument("name", help="embedded model name, e.g. tiny-df")
-    export.add_argument("directory", type=Path)
-    args = parser.parse_args(argv)
-
-    if args.command == "list":
-        _list()
-        return 0
-    from skyreels_batch.embedded import export_embedded
-
-    try:
-        export_embedded(card_for(args.name), args.directory)
-    except (UnknownModelError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(args.directory)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from skyreels_batch import quality, storage
-from skyreels_batch.results import conform
+from skyreels_batch import storage
+from skyreels_batch.output import quality
+from skyreels_batch.output.results import conform
 from skyreels_batch.schema import RenderParams
 
 

@@ -3,7 +3,7 @@
 A render worker with N > 1 is a group of N rank processes on one node, in a placement group of N bundles packed on
 one node (STRICT_PACK: placed whole or not at all, so two half-placed groups never wait for each other's GPUs, and
 the autoscaler adds a node that holds a whole group). The Ray Data actor (stages/render_group.py) makes the
-placement group and starts rank 0, a RenderVideos actor, in its first bundle; rank 0 starts the N - 1 `OtherRank`s
+placement group and starts rank 0, a GroupLeader actor, in its first bundle; rank 0 starts the N - 1 `OtherRank`s
 in the others. The ranks join one torch.distributed group (NCCL on GPUs, gloo on CPU) and the transformer splits
 each window's tokens over them (`enable_sequence_parallel`).
 
@@ -32,11 +32,10 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.control import model_loaded
-from skyreels_batch.denoiser import SegmentDenoiser, Video
-from skyreels_batch.diffusion_forcing import check_heads
+from skyreels_batch.control import ModelLoad, model_loaded
 from skyreels_batch.models import ModelCard
-from skyreels_batch.pipelines import ModelLoad
+from skyreels_batch.render.denoiser import SegmentDenoiser, Video
+from skyreels_batch.render.diffusion_forcing import check_heads
 from skyreels_batch.schema import RenderParams
 
 logger = logging.getLogger(__name__)
@@ -172,12 +171,22 @@ class OtherRank:
 
 
 class RankGroup:
-    """Rank 0's side of a render group: its own denoiser and the other ranks, driven call by call, with the
-    denoiser's `begin` and `denoise` (a worker of one rank uses its denoiser alone)."""
+    """Rank 0's side of a render group, a Denoiser: rank 0's own SegmentDenoiser and the other ranks, driven call by
+    call. Rank 0 alone prepares a row's inputs (the others fetch theirs in `begin`) and lets go of it."""
 
     def __init__(self, denoiser: SegmentDenoiser, others: list[Any]) -> None:
         self.denoiser = denoiser
         self.others = others
+
+    @property
+    def pipeline(self) -> Any:
+        return self.denoiser.pipeline
+
+    def prepare(self, params: RenderParams) -> tuple[RenderParams, dict[str, Any]]:
+        return self.denoiser.prepare(params)
+
+    def finish(self) -> None:
+        self.denoiser.finish()
 
     @classmethod
     def start(

@@ -12,9 +12,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import transformers
 from diffusers import (
     AutoencoderKLWan,
     DiffusionPipeline,
@@ -26,7 +28,6 @@ from diffusers import (
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     PreTrainedTokenizerFast,
@@ -34,10 +35,13 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from skyreels_batch.checkpoints import cache_root
 from skyreels_batch.models import CARD_FILENAME, ModelCard
+from skyreels_batch.models.checkpoints import cache_root
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+# Part of a built directory's cache key: raised when the same spec builds different weights (2: bf16 builds keep
+# the modules the transformer's class keeps in float32, as from_pretrained does).
+BUILD = 2
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -75,7 +79,7 @@ def build_pipeline(card: ModelCard) -> DiffusionPipeline:
     with torch.device(device) if device != "cpu" else contextlib.nullcontext():
         text_config = {"vocab_size": len(tokenizer), "tie_word_embeddings": False, **spec["text_encoder"]}
         text_encoder = UMT5EncoderModel(UMT5Config(**text_config)).to(dtype)
-        transformer = SkyReelsV2Transformer3DModel(**spec["transformer"]).to(dtype)
+        transformer = cast_as_loaded(SkyReelsV2Transformer3DModel(**spec["transformer"]), dtype)
         vae = AutoencoderKLWan(**spec["vae"])
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction",
@@ -88,13 +92,31 @@ def build_pipeline(card: ModelCard) -> DiffusionPipeline:
         encoder = spec["image_encoder"]
         components["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**encoder))
         size = encoder["image_size"]
+        # Imported here: without torchvision, transformers warns as the name is first looked up (and falls back to
+        # the PIL processor), and only image-to-video models have one.
+        from transformers import CLIPImageProcessor
+
         components["image_processor"] = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
     return PIPELINES[card.family](scheduler=scheduler, **components)
 
 
+def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` in `dtype` as diffusers' `from_pretrained(torch_dtype=dtype)` loads it: the modules the class keeps in
+    float32 (`_keep_in_fp32_modules`: SkyReels-V2's norms, rope, time embedder) stay float32. `.to(dtype)` would
+    cast them too, and diffusers warns that it does."""
+    if dtype == torch.float32:
+        return model
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+    return model
+
+
 def export_embedded(card: ModelCard, directory: Path) -> Path:
     """Write `card`'s embedded model to `directory` as a diffusers directory that `from_pretrained` loads."""
-    build_pipeline(card).save_pretrained(directory)
+    with _no_progress_bars():
+        build_pipeline(card).save_pretrained(directory)
     (Path(directory) / CARD_FILENAME).write_text(json.dumps({"card": card.name}))
     return Path(directory)
 
@@ -105,7 +127,8 @@ def materialize(card: ModelCard) -> Path:
     Several actors on one node may race here: each builds into its own temporary directory and the first
     rename wins, so a reader never sees a half-written model.
     """
-    digest = hashlib.sha256(json.dumps(card.embedded, sort_keys=True).encode()).hexdigest()[:12]
+    build = {**card.embedded, "build": BUILD}
+    digest = hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_root() / "models" / f"{card.name}-{digest}"
     if (target / "model_index.json").is_file():
         return target
@@ -120,3 +143,16 @@ def materialize(card: ModelCard) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a progress bar of the shards it writes, even for one small file: not a line for the job's
+    output, where an embedded model is built on its first load."""
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()

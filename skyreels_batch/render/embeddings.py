@@ -17,7 +17,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from skyreels_batch import storage
-from skyreels_batch.inputs import InputError
+from skyreels_batch.render.inputs import InputError
 from skyreels_batch.schema import RenderParams, plan_for
 
 MAX_SEQUENCE_LENGTH = 512  # the SkyReels-V2 pipelines' default: prompts are padded / truncated to 512 tokens

@@ -10,11 +10,11 @@ import argparse
 import json
 import sys
 
-from skyreels_batch.checkpoints import CheckpointError
 from skyreels_batch.config import JobConfig, JobRefused, PipelineOptions
-from skyreels_batch.manifest import ManifestError
+from skyreels_batch.job.manifest import ManifestError
 from skyreels_batch.models import UnknownModelError
-from skyreels_batch.quality import parse_gate
+from skyreels_batch.models.checkpoints import CheckpointError
+from skyreels_batch.output.quality import parse_gate
 from skyreels_batch.schema import manifest_columns
 
 EXIT_DONE, EXIT_SOME_FAILED, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dry_run(config: JobConfig) -> int:
-    from skyreels_batch.pipeline import plan_job
+    from skyreels_batch.job.work import plan_job
 
     failed = 0
     for line in plan_job(config):
@@ -237,8 +237,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = job_config(args)
-    from skyreels_batch.collect import StopRequest  # Ray and torch load only once the flags are good
-    from skyreels_batch.pipeline import run_job
+    from skyreels_batch.job.collect import StopRequest  # Ray and torch load only once the flags are good
+    from skyreels_batch.job.pipeline import run_job
 
     try:
         if args.dry_run:

@@ -1,4 +1,4 @@
-"""A run report from the results index alone: `python -m skyreels_batch.report OUTPUT [--plot FILE.png]`.
+"""A run report from the results index alone: `python -m skyreels_batch.output.report OUTPUT [--plot FILE.png]`.
 
 Totals (done, failed by kind of error), videos per hour, GPU-hours (render actor time), the transformer's share of
 it, seconds per video by model, mode and size, the slowest rows, and the quality signals (quality.py): their
@@ -16,8 +16,8 @@ import sys
 import pandas as pd
 
 from skyreels_batch import storage
-from skyreels_batch.quality import GATE
-from skyreels_batch.results import read_index
+from skyreels_batch.output.quality import GATE
+from skyreels_batch.output.results import read_index
 
 SLOWEST = 5
 # `row 'x': <what>: ...`: the error's kind is <what> (a field, or the stage that failed: "render failed").
@@ -143,7 +143,7 @@ def _duration(seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skyreels_batch.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m skyreels_batch.output.report", description=__doc__.splitlines()[0])
     parser.add_argument("output", help="the job's --output (local path or fsspec URL)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw throughput and seconds per video")
     args = parser.parse_args(argv)

@@ -8,7 +8,6 @@ T2V / I2V checkpoints are called through `pipeline_kwargs` with the row's prompt
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import diffusers
@@ -17,31 +16,19 @@ import transformers
 from diffusers import AutoencoderKLWan, DiffusionPipeline
 from diffusers.hooks import apply_group_offloading
 
-from skyreels_batch.checkpoints import fetch_checkpoint
 from skyreels_batch.config import Offload, PipelineOptions
-from skyreels_batch.embeddings import MAX_SEQUENCE_LENGTH
+from skyreels_batch.control import ModelLoad
 from skyreels_batch.models import ModelCard
+from skyreels_batch.models.checkpoints import fetch_checkpoint
+from skyreels_batch.render.embeddings import MAX_SEQUENCE_LENGTH
 from skyreels_batch.schema import RenderParams
-
-
-@dataclass
-class ModelLoad:
-    """Where an actor's model load went: fetching the checkpoint (object storage only), reading it, moving it to
-    the device."""
-
-    stage: str  # "render" or "text"
-    rank: int = 0  # a render group's rank (--gpus-per-video)
-    fetch_s: float = 0.0
-    fetched_files: int = 0
-    read_s: float = 0.0
-    to_device_s: float = 0.0
 
 
 def model_source(card: ModelCard, *, text_encoder: bool = False, load: ModelLoad | None = None) -> str:
     """What `from_pretrained` loads: a cached embedded directory, a checkpoint on object storage fetched into this
     node's cache (the parts a text-encoder or a render actor loads), a local directory or a Hub id."""
     if card.embedded is not None:
-        from skyreels_batch.embedded import materialize
+        from skyreels_batch.models.embedded import materialize
 
         return str(materialize(card))
     if card.uri is not None:

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
 from skyreels_batch.config import PipelineOptions
-from skyreels_batch.diffusion_forcing import denoise_segment, enable_sequence_parallel, reset_step_cache, use_step_cache
-from skyreels_batch.embeddings import EmbeddingStore
-from skyreels_batch.inputs import InputError, crop_to_aspect, fetch_image, fetch_lora, fetch_video, fitted_size
+from skyreels_batch.control import ModelLoad
 from skyreels_batch.models import ModelCard
-from skyreels_batch.pipelines import ModelLoad, load_pipeline, pipeline_kwargs, use_shift
 from skyreels_batch.plan import Segment, VideoPlan
+from skyreels_batch.render.diffusion_forcing import (
+    denoise_segment,
+    enable_sequence_parallel,
+    reset_step_cache,
+    use_step_cache,
+)
+from skyreels_batch.render.embeddings import EmbeddingStore
+from skyreels_batch.render.inputs import InputError, crop_to_aspect, fetch_image, fetch_lora, fetch_video, fitted_size
+from skyreels_batch.render.pipelines import load_pipeline, pipeline_kwargs, use_shift
 from skyreels_batch.schema import SPATIAL_MULTIPLE, RenderParams, check_size, check_split, plan_for, split_width
 from skyreels_batch.step_cache import parse_cache
 
@@ -38,6 +44,28 @@ class Video:
     conditioning: dict[str, Any]
     generator: torch.Generator
     previous: torch.Tensor | None = None
+
+
+class Denoiser(Protocol):
+    """What the render stage drives, one video at a time: a SegmentDenoiser (one process) or a RankGroup (rank 0 and
+    the other ranks of a render group, each with a SegmentDenoiser)."""
+
+    @property
+    def pipeline(self) -> Any: ...
+
+    def prepare(self, params: RenderParams) -> tuple[RenderParams, dict[str, Any]]: ...
+
+    def begin(
+        self,
+        params: RenderParams,
+        conditioning: dict[str, Any],
+        previous: torch.Tensor | None,
+        generator_state: torch.Tensor | None,
+    ) -> Video: ...
+
+    def denoise(self, index: int) -> torch.Tensor: ...
+
+    def finish(self) -> None: ...
 
 
 class SegmentDenoiser:

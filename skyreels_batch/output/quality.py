@@ -1,7 +1,7 @@
 """Quality signals of a video, measured on its frames as the writer streams them into the MP4 (no second decode),
 or on any MP4 from the command line:
 
-    python -m skyreels_batch.quality PATH_OR_URL...   (one JSON object per video)
+    python -m skyreels_batch.output.quality PATH_OR_URL...   (one JSON object per video)
 
 - `black_fraction`: the share of frames that are nearly black (ffmpeg blackdetect's defaults: at least 98% of the
   pixels below 10% of full scale).
@@ -225,7 +225,9 @@ def measure_mp4(data: bytes) -> Quality:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skyreels_batch.quality", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m skyreels_batch.output.quality", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("videos", nargs="+", metavar="PATH_OR_URL", help="MP4 files: local paths or fsspec URLs")
     args = parser.parse_args(argv)
     from skyreels_batch import storage
