@@ -1,6 +1,6 @@
 """The cluster a job runs on: what its nodes hold now, and what its autoscaler can add.
 
-`--device auto`, `--workers MIN:auto` and the door read it (`config.plan_resources`, `Capacity.holds`), and a job
+`--device auto`, `--workers MIN:auto` and the door read it (`resources.plan_resources`, `Capacity.holds`), and a job
 whose actors wait to be placed says what they ask for and what the cluster offers (`PlacementWatch`).
 
 What the autoscaler can add is its node types (their resources and most nodes), read from the first of:
