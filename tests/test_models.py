@@ -82,3 +82,21 @@ def test_embedded_transformer_takes_production_resolutions(height: int, width: i
         )[0]
     assert out.shape == latents.shape
     assert torch.isfinite(out).all()
+
+
+def test_a_bf16_embedded_transformer_is_cast_as_from_pretrained_loads_one(tmp_path: Path) -> None:
+    """bench-1.3b is built in bf16: its transformer keeps in float32 what diffusers' from_pretrained(torch_dtype=)
+    keeps there (`.to(dtype)` would cast those too). That no float32 warning is printed is checked on the README's
+    first command (test_readme.py)."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    from skyreels_batch.models.embedded import cast_as_loaded
+
+    config = card_for("tiny-df").embedded["transformer"]
+    SkyReelsV2Transformer3DModel(**config).save_pretrained(tmp_path)
+    loaded = SkyReelsV2Transformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    built = cast_as_loaded(SkyReelsV2Transformer3DModel(**config), torch.bfloat16)
+    dtypes = {name: tensor.dtype for name, tensor in [*built.named_parameters(), *built.named_buffers()]}
+    expected = {name: tensor.dtype for name, tensor in [*loaded.named_parameters(), *loaded.named_buffers()]}
+    assert dtypes == expected
+    assert {torch.float32, torch.bfloat16} <= set(dtypes.values())
