@@ -59,6 +59,8 @@ def ray_local(s3_endpoint: str, model_cache: Path) -> Iterator[None]:
     `render_slot`, a custom resource for `--render-resource`."""
     import ray
 
+    if ray.is_initialized():  # a test before the first that asks for this one made Ray start itself (ray.data does)
+        ray.shutdown()
     ray.init(
         num_cpus=2,
         resources={"render_slot": 1},

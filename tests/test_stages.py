@@ -184,7 +184,7 @@ def _encodings(frames: np.ndarray, times: int) -> list[str]:
 
 @pytest.mark.slow
 def test_the_same_frames_encode_to_the_same_bytes_in_ray_workers(ray_local: None) -> None:
-    """With x264's MB-tree on, 35 of these 120 encodes came out different from the rest (and 15 with one thread)."""
+    """With x264's MB-tree on, from none to a third of these 120 encodes came out different (docs/manifest.md)."""
     frames = np.random.default_rng(0).integers(0, 256, (33, 96, 160, 3), dtype=np.uint8)
     checksums = [checksum for batch in ray.get([_encodings.remote(frames, 20) for _ in range(6)]) for checksum in batch]
     assert len(checksums) == 120 and len(set(checksums)) == 1

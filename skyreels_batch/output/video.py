@@ -30,9 +30,9 @@ def encode_mp4(frames: Iterable[np.ndarray], *, fps: int, crf: int, lossless: bo
                 stream.options = {"crf": "0" if lossless else str(crf), "threads": str(X264_THREADS)}
                 if not lossless:
                     # MB-tree (x264's lookahead that lowers the quality of blocks later frames do not reference)
-                    # made the same frames encode to different bytes in a Ray worker, one encode in three to eight,
-                    # with one thread too (tests/test_stages.py): off, the bytes are the same every time. Lossless
-                    # has no rate control, so no MB-tree.
+                    # made the same frames encode to different bytes in Ray workers, up to one encode in three, with
+                    # one thread too (bench/encode_determinism.py): off, none has differed. Lossless has no rate
+                    # control, so no MB-tree.
                     stream.options["x264-params"] = "mbtree=0"
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
