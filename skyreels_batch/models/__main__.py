@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from skyreels_batch.models.embedded import export_embedded
 from skyreels_batch.models.registry import UnknownModelError, card_for, cards
 
 
@@ -37,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         _list()
         return 0
+    from skyreels_batch.models.embedded import export_embedded  # torch, diffusers, transformers: for export only
+
     try:
         export_embedded(card_for(args.name), args.directory)
     except (UnknownModelError, ValueError) as error:
